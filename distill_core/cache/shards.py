@@ -1,0 +1,189 @@
+"""Sharded Parquet datasets with a manifest that is written last.
+
+A folder holds ``part-*.parquet`` shards and ``manifest.json``. A shard is written (atomically)
+first, then committed by rewriting the manifest with its name, row count, size and sha256. Readers
+trust only the manifest, so a killed writer leaves at most an unlisted file, which the next writer
+overwrites. Once ``complete`` is set the dataset is immutable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distill_core.errors import CacheError
+from distill_core.storage import Storage, sha256_bytes
+from distill_core.version import CODE_VERSION
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    source: str  # the input shard this one was computed from ("" when none)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    """zstd Parquet bytes; deterministic for a given table and pyarrow version."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=False)
+    return buf.getvalue()
+
+
+class ShardStore:
+    """One sharded dataset (data, top-k cache, samples, beams) under ``storage/<folder>``.
+
+    ``meta`` describes how the contents were made (teacher, tokenizer hash, k, ...). Opening an
+    existing folder with different ``meta`` raises :class:`CacheError` naming each difference.
+    """
+
+    def __init__(self, storage: Storage, folder: str, kind: str, fingerprint: str, meta: dict[str, Any]):
+        self.storage = storage
+        self.folder = folder.strip("/")
+        self.kind = kind
+        self.fingerprint = fingerprint
+        self.meta = meta
+        self._manifest = self._load_or_new()
+
+    # -- manifest -----------------------------------------------------------------------------
+    def _rel(self, name: str) -> str:
+        return f"{self.folder}/{name}"
+
+    def _load_or_new(self) -> dict[str, Any]:
+        rel = self._rel(MANIFEST)
+        if not self.storage.exists(rel):
+            return {
+                "schema_version": SCHEMA_VERSION,
+                "kind": self.kind,
+                "fingerprint": self.fingerprint,
+                "meta": self.meta,
+                "shards": [],
+                "complete": False,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "code_version": CODE_VERSION,
+            }
+        manifest = read_manifest(self.storage, self.folder)
+        expected = {"kind": self.kind, "fingerprint": self.fingerprint, "meta": self.meta}
+        found = {"kind": manifest["kind"], "fingerprint": manifest["fingerprint"], "meta": manifest["meta"]}
+        diffs = _differences(expected, _jsonable(found))
+        if diffs:
+            raise CacheError(
+                f"{self.storage.url(self.folder)} was written with other settings: {'; '.join(diffs)}. "
+                "Point the run at a fresh folder, or delete this one to recompute it."
+            )
+        return manifest
+
+    def _commit_manifest(self) -> None:
+        self.storage.write_json(self._rel(MANIFEST), self._manifest)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._manifest["complete"])
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return [ShardEntry(**s) for s in self._manifest["shards"]]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def committed(self, name: str) -> bool:
+        return any(s["name"] == name for s in self._manifest["shards"])
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_shard(self, name: str, table: pa.Table, source: str = "") -> ShardEntry:
+        """Write ``table`` as shard ``name`` and commit it in the manifest."""
+        if self.complete:
+            raise CacheError(f"{self.storage.url(self.folder)} is complete and immutable; it takes no new shards.")
+        if self.committed(name):
+            raise CacheError(f"shard {name} of {self.storage.url(self.folder)} is already committed.")
+        data = table_to_parquet_bytes(table)
+        self.storage.write_bytes(self._rel(name), data)
+        entry = ShardEntry(name=name, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data), source=source)
+        self._manifest["shards"].append(entry.__dict__)
+        self._manifest["shards"].sort(key=lambda s: s["name"])
+        self._commit_manifest()
+        return entry
+
+    def finalize(self, extra: dict[str, Any] | None = None) -> None:
+        """Mark the dataset complete (immutable); ``extra`` goes into the manifest's ``stats``."""
+        if extra:
+            self._manifest["stats"] = extra
+        self._manifest["complete"] = True
+        self._commit_manifest()
+
+    # -- reading ------------------------------------------------------------------------------
+    def read_shard(self, name: str) -> pa.Table:
+        return read_shard(self.storage, self.folder, self._entry(name))
+
+    def _entry(self, name: str) -> ShardEntry:
+        for s in self.shards:
+            if s.name == name:
+                return s
+        raise CacheError(f"shard {name} is not committed in {self.storage.url(self.folder)}.")
+
+    def iter_tables(self) -> Iterator[tuple[ShardEntry, pa.Table]]:
+        for entry in self.shards:
+            yield entry, read_shard(self.storage, self.folder, entry)
+
+
+def read_manifest(storage: Storage, folder: str) -> dict[str, Any]:
+    """Load and check a manifest; refuses a missing one and one from a newer schema."""
+    rel = f"{folder.strip('/')}/{MANIFEST}"
+    if not storage.exists(rel):
+        raise CacheError(f"no manifest at {storage.url(rel)}: the stage that writes it has not run or did not finish.")
+    manifest = storage.read_json(rel)
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise CacheError(
+            f"{storage.url(rel)} has schema version {version}, newer than this code's {SCHEMA_VERSION}: "
+            "upgrade distillery to read it, or recompute the cache into a fresh folder."
+        )
+    return manifest
+
+
+def read_shard(storage: Storage, folder: str, entry: ShardEntry) -> pa.Table:
+    """Read one committed shard, refusing it when its bytes differ from the manifest's checksum."""
+    rel = f"{folder.strip('/')}/{entry.name}"
+    if not storage.exists(rel):
+        raise CacheError(f"shard {storage.url(rel)} is listed in the manifest but missing: recompute the cache.")
+    data = storage.read_bytes(rel)
+    if len(data) != entry.bytes or sha256_bytes(data) != entry.sha256:
+        raise CacheError(
+            f"shard {storage.url(rel)} does not match its manifest checksum (truncated or edited on disk). "
+            "Delete the cache folder, or run the stage with recompute_damaged=True, to rebuild it."
+        )
+    return pq.read_table(io.BytesIO(data))
+
+
+def _jsonable(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
+    expected, found = _jsonable(expected), _jsonable(found)
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        e, f = expected.get(key), found.get(key)
+        if isinstance(e, dict) and isinstance(f, dict):
+            out += _differences(e, f, f"{prefix}{key}.")
+        elif e != f:
+            out.append(f"{prefix}{key} is {f!r} there, {e!r} here")
+    return out

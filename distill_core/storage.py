@@ -1,0 +1,119 @@
+"""One storage root for every artifact: a local folder or any fsspec URL (``s3://bucket/prefix``).
+
+Writes are atomic: a local file is written under a temporary name and renamed; an object store
+PUT is atomic per object. Multi-file artifacts (shards, checkpoints, registry versions) commit by
+writing a manifest last; readers trust only what a manifest lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """Content hash of a JSON-serialisable value (keys sorted), hex, ``length`` characters."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Storage:
+    """A root URL plus the fsspec filesystem that serves it. Paths given to methods are relative."""
+
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.root = root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
+        self.storage_options = dict(storage_options or {})
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.is_local = "file" in _protocols(self.fs)
+
+    def url(self, *parts: str) -> str:
+        """Full URL (or absolute local path) of ``parts`` joined under the root."""
+        rel = "/".join(p.strip("/") for p in parts if p)
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _path(self, rel: str) -> str:
+        return f"{self._root_path.rstrip('/')}/{rel.strip('/')}" if rel else self._root_path
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self._path(rel), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` so that readers see either nothing or the whole file."""
+        path = self._path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def write_new(self, rel: str, data: bytes) -> None:
+        """Write a file that must not exist yet (immutable artifacts); refuses to overwrite."""
+        if self.exists(rel):
+            raise FileExistsError(f"{self.url(rel)} already exists and is immutable; choose a new name.")
+        self.write_bytes(rel, data)
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names (not paths) directly under ``rel``; empty when it does not exist."""
+        path = self._path(rel)
+        if not self.fs.exists(path):
+            return []
+        return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        path = self._path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=recursive)
+
+    def upload_dir(self, local_dir: str | Path, rel: str) -> None:
+        """Copy every file under ``local_dir`` to ``rel`` (each file written atomically)."""
+        local_dir = Path(local_dir)
+        for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.write_bytes(f"{rel}/{file.relative_to(local_dir).as_posix()}", file.read_bytes())
+
+    def download_dir(self, rel: str, local_dir: str | Path) -> Path:
+        """Copy every file under ``rel`` into ``local_dir``; returns ``local_dir``."""
+        local_dir = Path(local_dir)
+        base = self._path(rel).rstrip("/")
+        for path in self.fs.find(base):
+            target = local_dir / path[len(base) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.fs.cat_file(path))
+        return local_dir
+
+    def local_path(self, rel: str) -> Path | None:
+        """The on-disk path of ``rel`` when the root is local, else None."""
+        return Path(self._path(rel)) if self.is_local else None
+
+    def bytes_io(self, rel: str) -> io.BytesIO:
+        return io.BytesIO(self.read_bytes(rel))
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return proto if isinstance(proto, tuple) else (proto,)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny real tokenizer and tiny random GPT-2 teachers, built offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE trained on Python's pydoc topics: real merges, tiny vocabulary."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(topics.values())[:20], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny_gpt2(vocab_size: int, n_layer: int = 4, n_embd: int = 32, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=256, n_embd=n_embd, n_layer=n_layer, n_head=2,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_tokenizer):
+    """A 4-layer, 32-wide random GPT-2 over the tiny tokenizer's vocabulary."""
+    return build_tiny_gpt2(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_teacher, tiny_tokenizer):
+    """The tiny teacher saved in Hugging Face format (safetensors + tokenizer), usable as a PathTeacher."""
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    tiny_teacher.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
