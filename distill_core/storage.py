@@ -110,6 +110,19 @@ class Storage:
         """The on-disk path of ``rel`` when the root is local, else None."""
         return Path(self._path(rel)) if self.is_local else None
 
+    def local_dir(self, rel: str) -> Path:
+        """A local folder with the files under ``rel``: the folder itself when the root is local, else a
+        copy downloaded once into the temp directory (keyed by URL)."""
+        if self.is_local:
+            return Path(self._path(rel))
+        import tempfile
+
+        target = Path(tempfile.gettempdir()) / "distillery" / fingerprint(self.url(rel))
+        if not (target / ".complete").exists():
+            self.download_dir(rel, target)
+            (target / ".complete").touch()
+        return target
+
     def bytes_io(self, rel: str) -> io.BytesIO:
         return io.BytesIO(self.read_bytes(rel))
 

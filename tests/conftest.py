@@ -60,3 +60,42 @@ def tiny_teacher_dir(tmp_path_factory, tiny_teacher, tiny_tokenizer):
     tiny_teacher.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+# -- S3 (moto server) ------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (free port) for the session; returns its endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        # Fake credentials so neither boto nor s3fs looks for real ones.
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_server):
+    """A Storage rooted at ``s3://<fresh bucket>/root`` on the moto server."""
+    import uuid
+
+    import s3fs
+
+    from distill_core.storage import Storage
+
+    options = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    return Storage(f"s3://{bucket}/root", options)

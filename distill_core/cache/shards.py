@@ -33,6 +33,15 @@ class ShardEntry:
     source: str  # the input shard this one was computed from ("" when none)
 
 
+def list_array(rows, value_type: pa.DataType) -> pa.ListArray:
+    """A 2-D numpy array [n, m] as an Arrow list column of ``value_type`` (one list of m values per row)."""
+    import numpy as np
+
+    n, m = rows.shape
+    offsets = pa.array(np.arange(0, n * m + 1, m, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), value_type))
+
+
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
     """zstd Parquet bytes; deterministic for a given table and pyarrow version."""
     buf = io.BytesIO()

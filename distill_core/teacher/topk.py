@@ -1,0 +1,112 @@
+"""Soft targets: the teacher's top-k log-probabilities (plus tail mass) at every training position.
+
+Only ids and log-probabilities of the top-k leave the device; the full-vocabulary logits never do.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distill_core.cache.ref import CacheRef, cache_shard_name
+from distill_core.cache.shards import SCHEMA_VERSION, list_array, read_manifest
+from distill_core.config import TopKConfig
+from distill_core.data import DataRef, id_type, read_sequences
+from distill_core.losses.divergence import topk_targets_from_logits
+from distill_core.storage import Storage, fingerprint
+
+Progress = Callable[[int, int], None]
+
+
+def topk_cache_ref(cfg: TopKConfig, teacher: dict, data: DataRef) -> CacheRef:
+    """The content address of a top-k cache: kind, k, temperature, teacher, tokenizer, sequence length.
+
+    The data fingerprint is not part of it: shards are keyed by their input shard, so a grown
+    dataset reuses the shards it already has."""
+    meta = {
+        "teacher": teacher["source"],
+        "teacher_fingerprint": teacher["fingerprint"],
+        "tokenizer_hash": data.tokenizer_hash,
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "seq_len": data.seq_len,
+        "vocab_size": data.vocab_size,
+        "schema_version": SCHEMA_VERSION,
+    }
+    fp = fingerprint({"kind": "topk", **meta})
+    return CacheRef(kind="topk", folder=f"caches/topk/{fp}", fingerprint=fp, meta=meta)
+
+
+@torch.inference_mode()
+def teacher_topk(model, input_ids: torch.Tensor, k: int, temperature: float):
+    """Top-k targets for the T-1 positions that have a next token.
+
+    input_ids: int64 [B, T] on the model's device. Returns TopKTargets with ids [B, T-1, k],
+    logprobs [B, T-1, k] float32, tail_logprob [B, T-1] float32.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if input_ids.is_cuda else nullcontext()
+    with autocast:
+        logits = model(input_ids=input_ids).logits[:, :-1]
+    return topk_targets_from_logits(logits, k, temperature)
+
+
+def cache_topk(
+    load_model: Callable[[], torch.nn.Module], data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage,
+    progress: Progress | None = None,
+) -> CacheRef:
+    """Write top-k shards for every train shard of ``data`` not yet in the cache; returns the cache ref.
+
+    ``load_model`` is called only when some shard is missing, so a finished cache costs no teacher load."""
+    ref = topk_cache_ref(cfg, teacher, data)
+    store = ref.open(storage)
+    data_shards = read_manifest(storage, data.train)["shards"]
+    todo = [s for s in data_shards if not store.committed(cache_shard_name(s["sha256"]))]
+    if not todo:
+        return ref
+    model = load_model()
+    device = next(model.parameters()).device
+    ids_type = id_type(data.vocab_size)
+    done = len(data_shards) - len(todo)
+    todo_names = {s["name"]: s for s in todo}
+    for name, seq_ids, input_ids in read_sequences(storage, data.train):
+        if name not in todo_names:
+            continue
+        table = _topk_table(model, seq_ids, input_ids, cfg, device, ids_type)
+        store.write_shard(cache_shard_name(todo_names[name]["sha256"]), table, source=f"{data.train}/{name}")
+        done += 1
+        if progress:
+            progress(done, len(data_shards))
+    return ref
+
+
+def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConfig, device, ids_type) -> pa.Table:
+    ids_out, lp_out, tail_out = [], [], []
+    for start in range(0, len(input_ids), cfg.batch_size):
+        batch = torch.from_numpy(input_ids[start : start + cfg.batch_size]).to(device)
+        t = teacher_topk(model, batch, cfg.k, cfg.temperature)
+        b = batch.shape[0]
+        ids_out.append(t.ids.reshape(b, -1).cpu().numpy().astype(ids_type.to_pandas_dtype()))
+        # float16 keeps ~3 significant digits of a log-probability: ample for targets, half the bytes.
+        lp_out.append(t.logprobs.reshape(b, -1).cpu().numpy().astype(np.float16))
+        tail_out.append(t.tail_logprob.cpu().numpy().astype(np.float32))
+    ids, lps, tails = np.concatenate(ids_out), np.concatenate(lp_out), np.concatenate(tail_out)
+    return pa.table({
+        "seq_id": pa.array(seq_ids, pa.int64()),
+        "ids": list_array(ids, ids_type),
+        "logprobs": list_array(lps, pa.float16()),
+        "tail_logprob": list_array(tails, pa.float32()),
+    })
+
+
+def read_topk_table(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unpack a top-k shard: seq_ids [n], ids int64 [n, T-1, k], logprobs float32 [n, T-1, k], tail float32 [n, T-1]."""
+    n = table.num_rows
+    flat = lambda name: table[name].combine_chunks().values.to_numpy(zero_copy_only=False)  # noqa: E731
+    ids = flat("ids").astype(np.int64).reshape(n, -1, k)
+    lps = flat("logprobs").astype(np.float32).reshape(n, -1, k)
+    tail = flat("tail_logprob").astype(np.float32).reshape(n, -1)
+    return table["seq_id"].to_numpy(), ids, lps, tail

@@ -1,0 +1,90 @@
+"""Command line: ``distillery run|stage|registry`` for runs outside the Prefect UI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from distill_core.config import RunConfig, load_config
+from distill_core.errors import DistilleryError
+from distill_core.storage import Storage
+
+
+def format_report(result: dict) -> str:
+    """The registered student's location and its metrics beside the teacher's and the baseline's."""
+    reg, metrics = result["registered"], result["metrics"]
+    cols = ["val_ppl", "top1_agreement", "kl_to_teacher", "params", "cpu_tokens_per_s"]
+    lines = [
+        f"run {result['run_id']}: registered {reg['name']} v{reg['version']}"
+        f"{' (champion)' if reg['champion'] else ''} at {reg['url']}",
+        "",
+        f"{'model':<10}" + "".join(f"{c:>18}" for c in cols),
+    ]
+    for name, m in metrics.items():
+        cells = "".join(f"{_fmt(m.get(c)):>18}" for c in cols)
+        lines.append(f"{name:<10}{cells}")
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the nightly flow end to end")
+    run.add_argument("config", help="YAML run config (see deployments/)")
+    run.add_argument("--run-id", default=None)
+    stage = sub.add_parser("stage", help="run one stage on an existing run id")
+    stage.add_argument("name", choices=["prepare_data", "cache_topk", "train_student", "evaluate", "register"])
+    stage.add_argument("config")
+    stage.add_argument("--run-id", required=True)
+    reg = sub.add_parser("registry", help="list or show registered models")
+    reg.add_argument("action", choices=["list", "show"])
+    reg.add_argument("name", nargs="?")
+    reg.add_argument("version", nargs="?", default="champion", help="version number or alias (default champion)")
+    reg.add_argument("--root", default=None, help="storage root (default: ./runs, or the config's)")
+    reg.add_argument("--config", default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        if args.command == "run":
+            from flows.nightly import nightly
+
+            print(format_report(nightly(load_config(args.config), run_id=args.run_id)))
+        elif args.command == "stage":
+            from flows.stages import STAGES
+
+            out = STAGES[args.name](load_config(args.config), args.run_id)
+            print(json.dumps(out, indent=2, default=str))
+        else:
+            print(_registry(args))
+    except DistilleryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _registry(args) -> str:
+    from distill_core import registry
+
+    cfg = load_config(args.config).storage if args.config else RunConfig().storage
+    storage = Storage(args.root or cfg.root, cfg.options)
+    if args.action == "list":
+        if args.name:
+            return json.dumps(registry.list_versions(storage, args.name), indent=2)
+        return "\n".join(registry.list_models(storage)) or "(no models registered)"
+    if not args.name:
+        raise SystemExit("registry show needs a model name")
+    return json.dumps(registry.get_version(storage, args.name, args.version), indent=2, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The nightly flow: every stage in order, on one run id."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from distill_core.config import RunConfig
+from distill_core.run_record import new_run_id
+from flows.naming import run_name
+from flows.stages import cache_topk_flow, evaluate_flow, prepare_data_flow, register_flow, train_flow
+
+
+@flow(name="nightly-distillation", flow_run_name=run_name("nightly"))
+def nightly(config: RunConfig = RunConfig(), run_id: str | None = None) -> dict:
+    """Prepare data, cache the teacher's soft targets, train, evaluate and register the student.
+
+    Without a run id, one is derived from the flow run, so retrying this flow run reuses it."""
+    run_id = run_id or _default_run_id(config)
+    prepare_data_flow(config, run_id)
+    if config.train.kd_terms:
+        cache_topk_flow(config, run_id)
+    train_flow(config, run_id)
+    metrics = evaluate_flow(config, run_id)
+    registered = register_flow(config, run_id)
+    return {"run_id": run_id, "registered": registered, "metrics": metrics}
+
+
+def _default_run_id(config: RunConfig) -> str:
+    if flow_run.id:
+        return f"{config.registry.name}-{flow_run.scheduled_start_time:%Y%m%d}-{str(flow_run.id)[:8]}"
+    return new_run_id(config)

@@ -1,0 +1,25 @@
+"""Evaluation task: held-out metrics of teacher and students, as JSON and a table artifact."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from distill_core.config import EvalConfig, StorageConfig
+from distill_core.data import DataRef
+from distill_core.evaluate import evaluate_students
+from distill_core.teacher.load import TeacherRef
+from distill_core.train import resolve_device
+from tasks.common import CONTENT, artifact_key, storage_of
+
+
+@task(name="evaluate", cache_policy=CONTENT, persist_result=True, retries=1)
+def evaluate(
+    teacher: dict, students: dict[str, str], data: dict, cfg: EvalConfig, storage: StorageConfig, model_name: str
+) -> dict:
+    """{model name: metrics}; ``students`` maps names to model folders under the storage root."""
+    metrics = evaluate_students(TeacherRef.from_dict(teacher), students, storage_of(storage), DataRef.from_dict(data),
+                                cfg, resolve_device("auto"))
+    rows = [{"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}} for name, m in metrics.items()]
+    create_table_artifact(rows, key=artifact_key("metrics", model_name), description="teacher vs students")
+    return metrics

@@ -1,0 +1,35 @@
+"""Training task: one student (KD or CE-only baseline) from the teacher, data and caches."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from distill_core.cache.ref import CacheRef
+from distill_core.config import LossTerm, StorageConfig, StudentConfig, TrainConfig
+from distill_core.data import DataRef
+from distill_core.teacher.load import TeacherRef
+from distill_core.train import train_student as _train
+from tasks.common import CONTENT, progress_reporter, storage_of
+
+
+@task(name="train-student", cache_policy=CONTENT, persist_result=True, retries=1, task_run_name="train-{name}")
+def train_student(
+    name: str, terms: list[LossTerm], student: StudentConfig, train: TrainConfig, storage: StorageConfig,
+    teacher: dict, data: dict, cache: dict | None,
+) -> dict:
+    """Train and save one student; a rerun resumes from its latest checkpoint."""
+    logger = get_run_logger()
+    bar = progress_reporter(f"train-{name}-{teacher['fingerprint']}", f"{name} training steps")
+    every = max(1, train.steps // 10)
+
+    def progress(step: int, total: int, record: dict) -> None:
+        bar(step, total)
+        if step % every == 0 or step == total:
+            logger.info("%s step %d/%d %s", name, step, total, {k: round(v, 4) for k, v in record.items() if k != "step"})
+
+    result = _train(name, terms, student, train, storage_of(storage), TeacherRef.from_dict(teacher),
+                    DataRef.from_dict(data), CacheRef.from_dict(cache) if cache else None, progress=progress)
+    return asdict(result) | {"history": result.history[-1:]}
