@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from distill_core.config import GGUFTeacher, RunConfig, load_config, parse_config
+from distill_core.errors import ConfigError
+
+DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in DEPLOYMENTS.glob("*.yaml") if p.name != "prefect.yaml"), ids=lambda p: p.name)
+def test_every_deployment_config_validates(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_defaults_are_the_embedded_demo():
+    cfg = RunConfig()
+    assert isinstance(cfg.teacher, GGUFTeacher) and cfg.data.source == "embedded"
+    assert [t.name for t in cfg.train.losses] == ["forward_kl", "ce"]
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"topk": {"k": 0}}, "topk.k"),
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"losses": [{"name": "cosine"}]}}, "train.losses.0.name"),
+    ({"teacher": {"kind": "ftp", "path": "x"}}, "teacher"),
+    ({"student": {"init": "pretrained"}}, "student"),
+    ({"data": {"seq_len": 4}}, "data.seq_len"),
+    ({"registry": {"name": "bad name!"}}, "registry.name"),
+    ({"trian": {}}, "trian"),
+])
+def test_invalid_values_name_the_field(raw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        parse_config(raw)
+
+
+def test_missing_config_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_json_schema_has_descriptions_and_choices():
+    schema = RunConfig.model_json_schema()
+    assert "forward_kl" in str(schema) and "description" in str(schema["$defs"]["TopKConfig"])
