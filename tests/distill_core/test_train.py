@@ -1,0 +1,79 @@
+import copy
+
+import pytest
+import torch
+
+from distill_core.batches import Batch, to_batch, topk_stream
+from distill_core.config import DataConfig, LossTerm, TopKConfig, TrainConfig
+from distill_core.data import prepare_data
+from distill_core.losses.divergence import topk_targets_from_logits
+from distill_core.storage import Storage
+from distill_core.teacher.topk import cache_topk
+from distill_core.train import latest_checkpoint, loss_step, lr_lambda, train
+
+TERMS = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5)]
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    values = [lr_lambda(s, cfg) for s in range(101)]
+    assert values[0] < values[5] < values[10] <= 1.0
+    assert values[10] == pytest.approx(1.0)
+    assert values[100] == pytest.approx(0.1)
+
+
+def test_kd_loss_is_zero_when_the_student_is_the_teacher(tiny_teacher):
+    ids = torch.randint(0, tiny_teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets = topk_targets_from_logits(tiny_teacher(ids).logits[:, :-1], 8, 1.0)
+    batch = Batch(ids, torch.ones(2, 15, dtype=torch.bool), targets)
+    total, parts = loss_step(tiny_teacher, batch, TERMS, tail="bucket", temperature=1.0)
+    assert parts["forward_kl"].item() == pytest.approx(0.0, abs=1e-5)
+    assert total.item() == pytest.approx(0.5 * parts["ce"].item(), rel=1e-5)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_tokenizer, tiny_teacher):
+    storage = Storage(str(tmp_path / "root"))
+    data = prepare_data(DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24), tiny_tokenizer, "tok", storage)
+    cache = cache_topk(lambda: tiny_teacher, data, {"source": "t", "fingerprint": "f"}, TopKConfig(k=4), storage)
+    stream = topk_stream(storage, data, cache, seed=0)
+    batches = lambda skip: (to_batch(a) for a in stream.batches(4, skip))  # noqa: E731
+    return storage, batches
+
+
+def test_stream_is_deterministic_and_skippable(setup):
+    _, batches = setup
+    full = [b.input_ids for _, b in zip(range(8), batches(0))]
+    resumed = [b.input_ids for _, b in zip(range(5), batches(3))]
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a, b)
+    assert full[0].shape == (4, 24) and next(batches(0)).targets.ids.shape == (4, 23, 4)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(setup, tiny_teacher):
+    storage, batches = setup
+    cfg = TrainConfig(steps=5, batch_size=4, checkpoint_every=2, warmup_steps=1, device="cpu")
+    student = copy.deepcopy(tiny_teacher)
+    with pytest.raises(RuntimeError, match="injected"):
+        train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/a", fail_at_step=3)
+    assert latest_checkpoint(storage, "students/a") == 2
+    resumed = train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/a")
+    straight = train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/b")
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-6)
+    from safetensors.torch import load_file
+
+    wa = load_file(storage.local_path("students/a/model/model.safetensors"))
+    wb = load_file(storage.local_path("students/b/model/model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert storage.exists("students/a/loss_curve.png")
+    again = train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/a")
+    assert again == resumed  # a finished student is returned, not retrained
+
+
+def test_training_lowers_the_loss(setup, tiny_teacher):
+    storage, batches = setup
+    cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu")
+    result = train(copy.deepcopy(tiny_teacher), batches, cfg, TERMS, storage, "students/c")
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    assert last < 0.8 * first
