@@ -1,0 +1,33 @@
+import json
+
+from transformers import AutoModelForCausalLM
+
+from distill_core.registry import list_versions
+from distill_core.storage import Storage
+from flows.nightly import nightly
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_nightly_end_to_end_then_rerun_recomputes_nothing(tiny_config, tmp_path):
+    result = nightly(tiny_config, run_id="night-1")
+    metrics = result["metrics"]
+    assert set(metrics) == {"teacher", "student", "baseline"}
+    assert metrics["student"]["params"] < metrics["teacher"]["params"]
+    assert 0.0 <= metrics["student"]["top1_agreement"] <= 1.0
+    registered = result["registered"]
+    assert registered["version"] == 1 and registered["champion"]
+    model = AutoModelForCausalLM.from_pretrained(registered["url"])
+    assert model.config.n_layer == 2
+
+    root = tmp_path / "root"
+    stages = json.loads((root / "runs/night-1/stages/cache_topk.json").read_text())
+    assert stages["meta"]["k"] == 8
+    before = {k: v for k, v in _files(root).items() if not k.startswith("runs/")}
+    again = nightly(tiny_config, run_id="night-2")
+    after = {k: v for k, v in _files(root).items() if not k.startswith("runs/")}
+    assert after == before  # no data, cache, student or registry file was rewritten
+    assert again["registered"]["version"] == 1
+    assert len(list_versions(Storage(str(root)), "tiny")) == 1
