@@ -1,0 +1,240 @@
+"""Build the student: chosen teacher layers (DistilGPT2 style), a fresh smaller config, or a pretrained model.
+
+Surgery works on any Hugging Face causal LM whose decoder blocks sit in one ``nn.ModuleList``
+(GPT-2 ``transformer.h``, Llama-style ``model.layers``, ...): the student is a new model of the
+teacher's class with fewer layers, and every tensor of its state dict is copied from the teacher
+with a shape check (teacher block ``layers[j]`` becomes student block ``j``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill_core.config import StudentConfig
+from distill_core.errors import TeacherError
+from distill_core.storage import Storage
+from distill_core.teacher.load import local_copy, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+# Config entries holding one value per layer (transformers 5), subset along with the layers.
+PER_LAYER_CONFIG_KEYS = (
+    "layer_types",
+    "mlp_layer_types",
+    "layers_block_type",
+    "no_rope_layers",
+    "layer_rope_theta",
+    "num_attention_heads_per_layer",
+    "num_key_value_heads_per_layer",
+)
+
+
+def teacher_layer_indices(num_layers: int, every_k: int) -> list[int]:
+    """Layers ``0, k, 2k, ...`` below ``num_layers``, plus the last layer when not already in.
+
+    The first layer reads the embeddings and the last writes into the final norm and head, so both
+    are kept; e.g. 30 layers, k=6 -> [0, 6, 12, 18, 24, 29]; 12 layers, k=2 -> [0, 2, 4, 6, 8, 10, 11].
+    """
+    if num_layers < 1 or every_k < 1:
+        raise ValueError(f"need num_layers >= 1 and every_k >= 1, got {num_layers} and {every_k}")
+    layers = list(range(0, num_layers, every_k))
+    if layers[-1] != num_layers - 1:
+        layers.append(num_layers - 1)
+    return layers
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module of the ``nn.ModuleList`` holding the model's decoder blocks.
+
+    It is the outermost ModuleList with ``config.num_hidden_layers`` children of one class.
+    """
+    n = num_layers(model)
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and len({type(m) for m in module}) == 1
+    ]
+    outermost = [(name, m) for name, m in found if not any(name.startswith(other + ".") for other, _ in found)]
+    if len(outermost) != 1:
+        raise TeacherError(
+            f"cannot find the decoder layers of {type(model).__name__}: expected one ModuleList of {n} blocks, "
+            f"found {[name for name, _ in outermost]}. Use student.init='config' or 'pretrained' for this teacher."
+        )
+    return outermost[0]
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def vocab_rows(model: nn.Module) -> int:
+    """Width of the model's logits (rows of the output embedding)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A model of the teacher's class keeping teacher blocks ``layers`` (in that order), on CPU.
+
+    Embeddings, final norm and LM head are copied as they are; student block ``j`` is a copy of
+    teacher block ``layers[j]``. Building the student from a config with ``len(layers)`` layers
+    gives every block its new index (e.g. the KV-cache ``layer_idx`` of Llama attention), and
+    per-layer config lists (``layer_types``, ...) are subset to match. A GPT-2 teacher with
+    ``scale_attn_by_inverse_layer_idx`` scales by the new index, so the copied block computes
+    slightly differently there.
+    """
+    n = num_layers(teacher)
+    bad = [i for i in layers if not 0 <= i < n]
+    if not layers or bad:
+        raise TeacherError(
+            f"student layers {layers} are not all teacher layers: the teacher has {n} layers (indices 0..{n - 1}). "
+            "Fix student.layers, or leave it empty to keep every student.every_k-th layer."
+        )
+    if len(set(layers)) != len(layers):
+        raise TeacherError(f"student layers {layers} repeat a layer: list each teacher layer once.")
+    if getattr(teacher.config, "is_heterogeneous", False):
+        raise TeacherError(
+            f"{type(teacher).__name__} has a per-layer (heterogeneous) config, which layer surgery does not "
+            "handle: use student.init='config' or 'pretrained'."
+        )
+
+    config = _config_with_layers(teacher.config, [*layers], n)
+    student = type(teacher)(config).to(teacher.dtype)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+
+    t_prefix, _ = decoder_layers(teacher)
+    s_prefix, s_blocks = decoder_layers(student)
+    assert len(s_blocks) == len(layers), (len(s_blocks), layers)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    used = set()
+    with torch.no_grad():
+        for s_key, s_tensor in s_state.items():
+            t_key = _teacher_key(s_key, s_prefix, t_prefix, layers)
+            assert t_key in t_state, f"student tensor {s_key} has no teacher tensor {t_key}"
+            t_tensor = t_state[t_key]
+            assert s_tensor.shape == t_tensor.shape, f"{s_key} {tuple(s_tensor.shape)} <- {t_key} {tuple(t_tensor.shape)}"
+            s_tensor.copy_(t_tensor)
+            used.add(t_key)
+    kept = {f"{t_prefix}.{i}." for i in layers}
+    unused = [k for k in t_state if k not in used and (not k.startswith(t_prefix + ".") or any(k.startswith(p) for p in kept))]
+    assert not unused, f"teacher tensors not copied into the student: {unused}"
+    return student
+
+
+def student_from_config(teacher: nn.Module, num_layers: int) -> nn.Module:
+    """Fresh weights in the teacher's architecture with ``num_layers`` layers (seed before calling)."""
+    n = int(teacher.config.num_hidden_layers)
+    if num_layers < 1:
+        raise TeacherError(f"student.num_layers must be at least 1, got {num_layers}.")
+    has_per_layer = any(isinstance(getattr(teacher.config, k, None), (list, tuple)) for k in PER_LAYER_CONFIG_KEYS)
+    if has_per_layer and num_layers > n:
+        raise TeacherError(
+            f"student.num_layers={num_layers} exceeds the teacher's {n} layers, whose config lists per-layer "
+            "settings: choose at most that many layers."
+        )
+    # The first num_layers entries of per-layer lists keep repeating patterns (e.g. 5 sliding, 1 full).
+    config = _config_with_layers(teacher.config, list(range(num_layers)), n)
+    student = type(teacher)(config).to(teacher.dtype)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student
+
+
+def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_tokenizer_hash: str | None = None, *, storage: Storage | None = None) -> nn.Module:
+    """A smaller pretrained causal LM from a local folder, an fsspec URL or a hub id.
+
+    Its logits must have ``teacher_vocab_size`` columns; with ``teacher_tokenizer_hash`` its
+    tokenizer (saved beside it) must also hash the same, i.e. map text to the same ids.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder: str | Path = path_or_id
+    if "://" in path_or_id:
+        folder = local_copy(path_or_id, storage)
+    elif Path(path_or_id).expanduser().exists():
+        folder = Path(path_or_id).expanduser()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    except OSError as e:
+        raise TeacherError(
+            f"cannot load student.pretrained {path_or_id} ({e}): give a local folder saved with save_pretrained, "
+            "or a hub id while the hub is reachable."
+        ) from e
+    rows = vocab_rows(model)
+    if rows != teacher_vocab_size:
+        raise TeacherError(
+            f"student {path_or_id} has a vocabulary of {rows} tokens but the teacher has {teacher_vocab_size}: "
+            "choose a student that shares the teacher's tokenizer, or use student.init='teacher_layers'."
+        )
+    if teacher_tokenizer_hash is not None:
+        try:
+            student_hash = tokenizer_hash(AutoTokenizer.from_pretrained(folder))
+        except (OSError, ValueError, TypeError) as e:
+            raise TeacherError(
+                f"cannot check the tokenizer of student {path_or_id} ({e}): save its tokenizer beside it."
+            ) from e
+        if student_hash != teacher_tokenizer_hash:
+            raise TeacherError(
+                f"student {path_or_id} has the teacher's vocabulary size but another tokenizer "
+                f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer."
+            )
+    return model
+
+
+def build_student(teacher: nn.Module, cfg: StudentConfig, seed: int, *, teacher_tokenizer_hash: str | None = None, storage: Storage | None = None) -> nn.Module:
+    """The student ``cfg.init`` asks for, checked to share the teacher's vocabulary.
+
+    ``seed`` fixes any fresh initialisation; the global RNG state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.init == "teacher_layers":
+            layers = cfg.layers if cfg.layers is not None else teacher_layer_indices(num_layers(teacher), cfg.every_k)
+            student = student_from_teacher_layers(teacher, layers)
+        elif cfg.init == "config":
+            student = student_from_config(teacher, cfg.num_layers)
+        else:
+            student = student_from_pretrained(cfg.pretrained, vocab_rows(teacher), teacher_tokenizer_hash, storage=storage)
+    check_vocab(student, teacher)
+    log.info("student (%s): %d layers, %d parameters", cfg.init, num_layers(student), count_parameters(student))
+    return student
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_vocab(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise TeacherError unless student and teacher logits index the same vocabulary size."""
+    s, t = vocab_rows(student), vocab_rows(teacher)
+    if s != t:
+        raise TeacherError(
+            f"student vocabulary ({s} tokens) differs from the teacher's ({t}): distillation compares logits per "
+            "token id, so choose a student that shares the teacher's tokenizer."
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _config_with_layers(config, layers: list[int], teacher_layers: int):
+    """Copy of ``config`` with ``len(layers)`` layers and per-layer lists subset to ``layers``."""
+    config = copy.deepcopy(config)
+    for key in PER_LAYER_CONFIG_KEYS:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == teacher_layers:
+            setattr(config, key, [values[i] for i in layers])
+    config.num_hidden_layers = len(layers)
+    return config
+
+
+def _teacher_key(student_key: str, s_prefix: str, t_prefix: str, layers: list[int]) -> str:
+    """Teacher state-dict key for ``student_key``: block ``j`` maps to block ``layers[j]``."""
+    head = s_prefix + "."
+    if not student_key.startswith(head):
+        return student_key
+    index, rest = student_key[len(head) :].split(".", 1)
+    return f"{t_prefix}.{layers[int(index)]}.{rest}"
