@@ -42,7 +42,7 @@ def main() -> None:
     folders = {}
     for name, terms in objectives.items():
         t0 = time.perf_counter()
-        result = train_student(name, terms, cfg.student, train_cfg, storage, teacher, data, cache)
+        result = train_student(name, terms, cfg.student, train_cfg, storage, teacher, data, {"topk": cache})
         folders[name] = result.model_folder
         print(f"{name}: {train_cfg.steps} steps in {time.perf_counter() - t0:.0f} s")
     metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device)

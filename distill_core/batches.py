@@ -34,6 +34,69 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.loss_mask.to(device), self.targets.to(device) if self.targets else None)
 
+    @property
+    def groups(self) -> int:
+        """Units that must stay together when a batch is split across processes (rows here)."""
+        return self.input_ids.shape[0]
+
+    def shard(self, rank: int, size: int) -> "Batch":
+        """This process's equal slice of the rows (``groups`` must divide by ``size``)."""
+        rows = _slice(self.input_ids.shape[0], rank, size)
+        t = self.targets
+        targets = TopKTargets(t.ids[rows], t.logprobs[rows], t.tail_logprob[rows]) if t is not None else None
+        return Batch(self.input_ids[rows], self.loss_mask[rows], targets)
+
+
+@dataclass
+class BeamBatch:
+    """P prompts × N teacher beam candidates, flattened prompt-major.
+
+    input_ids int64 [P·N, L] (prompt + candidate, right-padded); loss_mask bool [P·N, L-1] over the
+    candidate's tokens; teacher_scores float32 [P, N] (length-normalised); valid bool [P, N];
+    is_top1 bool [P·N]: the teacher's best candidate of each prompt."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    teacher_scores: torch.Tensor
+    valid: torch.Tensor
+    is_top1: torch.Tensor
+
+    def to(self, device) -> "BeamBatch":
+        return BeamBatch(*(t.to(device) for t in (self.input_ids, self.loss_mask, self.teacher_scores, self.valid, self.is_top1)))
+
+    @property
+    def groups(self) -> int:
+        return self.teacher_scores.shape[0]
+
+    def shard(self, rank: int, size: int) -> "BeamBatch":
+        p, n = self.teacher_scores.shape
+        prompts = _slice(p, rank, size)
+        rows = slice(prompts.start * n, prompts.stop * n)
+        return BeamBatch(self.input_ids[rows], self.loss_mask[rows], self.teacher_scores[prompts], self.valid[prompts], self.is_top1[rows])
+
+
+class StepBatch(dict):
+    """One micro-batch per source ("data", "samples", "beams") that some loss term trains on."""
+
+    def to(self, device) -> "StepBatch":
+        return StepBatch({k: v.to(device) for k, v in self.items()})
+
+    def shard(self, rank: int, size: int) -> "StepBatch":
+        return StepBatch({k: v.shard(rank, size) for k, v in self.items()})
+
+    @property
+    def groups(self) -> int:
+        return min(v.groups for v in self.values())
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(v.input_ids.numel() for v in self.values())
+
+
+def _slice(n: int, rank: int, size: int) -> slice:
+    b = n // size
+    return slice(rank * b, (rank + 1) * b)
+
 
 # A shard loader returns a dict of numpy arrays with the same leading dimension (rows).
 ShardLoader = Callable[[], dict[str, np.ndarray]]
@@ -65,11 +128,11 @@ class RowStream:
                 skip = 0
             epoch += 1
 
-    def batches(self, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, skip_batches: int = 0) -> Iterator[list[dict[str, np.ndarray]]]:
+        """Lists of ``batch_size`` rows, after skipping ``skip_batches`` such lists."""
         rows = self.rows(skip_batches * batch_size)
         while True:
-            chunk = [next(rows) for _ in range(batch_size)]
-            yield {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+            yield [next(rows) for _ in range(batch_size)]
 
 
 def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: int) -> RowStream:
@@ -95,12 +158,126 @@ def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: i
     return RowStream(loaders, [e["rows"] for e in entries], seed)
 
 
-def to_batch(arrays: dict[str, np.ndarray]) -> Batch:
-    input_ids = torch.from_numpy(arrays["input_ids"])
+def samples_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int) -> RowStream:
+    """Rows of teacher samples: prompt_ids, completion_ids (+ soft top-k over the completion)."""
+    names = shards_for(cache, storage, data.train, rows=cache.meta["num_prompts"])
+    store = cache.open(storage)
+    soft_k = cache.meta["soft_topk"]
+
+    def loader(name: str) -> ShardLoader:
+        return lambda: read_samples_table(store.read_shard(name), soft_k)
+
+    sizes = {e.name: e.rows for e in store.shards}
+    return RowStream([loader(n) for n in names], [sizes[n] for n in names], seed)
+
+
+def beams_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int) -> RowStream:
+    """Rows of prompts, each with all N teacher beam candidates (best first) and their scores."""
+    names = shards_for(cache, storage, data.train, rows=cache.meta["num_prompts"])
+    store = cache.open(storage)
+    n = cache.meta["num_beams"]
+
+    def loader(name: str) -> ShardLoader:
+        return lambda: read_beams_table(store.read_shard(name), n)
+
+    sizes = {e.name: e.rows // n for e in store.shards}
+    return RowStream([loader(name) for name in names], [sizes[name] for name in names], seed)
+
+
+def collate_data(rows: list[dict[str, np.ndarray]]) -> Batch:
+    """Packed sequences: every position is trained on."""
+    input_ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]))
     mask = torch.ones(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
     targets = None
-    if "topk_ids" in arrays:
-        targets = TopKTargets(
-            torch.from_numpy(arrays["topk_ids"]), torch.from_numpy(arrays["topk_logprobs"]), torch.from_numpy(arrays["tail_logprob"])
-        )
+    if "topk_ids" in rows[0]:
+        targets = TopKTargets(*(torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("topk_ids", "topk_logprobs", "tail_logprob")))
     return Batch(input_ids, mask, targets)
+
+
+def collate_samples(rows: list[dict[str, np.ndarray]], pad_id: int) -> Batch:
+    """prompt + completion, right-padded; the loss is masked to positions that predict a completion token.
+
+    Soft targets (when stored) fill those positions; other positions get a harmless uniform target."""
+    seqs = [np.concatenate([r["prompt_ids"], r["completion_ids"]]) for r in rows]
+    length = max(map(len, seqs))
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+    soft = "topk_ids" in rows[0]
+    if soft:
+        k = rows[0]["topk_ids"].shape[1]
+        ids = torch.arange(k).repeat(len(rows), length - 1, 1)
+        lps = torch.full((len(rows), length - 1, k), -float(np.log(k)))
+        tail = torch.full((len(rows), length - 1), -float("inf"))
+    for i, (r, seq) in enumerate(zip(rows, seqs)):
+        p, c = len(r["prompt_ids"]), len(r["completion_ids"])
+        input_ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        mask[i, p - 1 : p - 1 + c] = True  # position t predicts token t+1
+        if soft:
+            ids[i, p - 1 : p - 1 + c] = torch.from_numpy(r["topk_ids"])
+            lps[i, p - 1 : p - 1 + c] = torch.from_numpy(r["topk_logprobs"])
+            tail[i, p - 1 : p - 1 + c] = torch.from_numpy(r["tail_logprob"])
+    return Batch(input_ids, mask, TopKTargets(ids, lps, tail) if soft else None)
+
+
+def collate_beams(rows: list[dict], pad_id: int) -> BeamBatch:
+    """Every candidate of every prompt as one row (prompt-major), masked to the candidate's tokens."""
+    flat = [{"prompt_ids": r["prompt_ids"], "completion_ids": c} for r in rows for c in r["candidates"]]
+    base = collate_samples(flat, pad_id)
+    scores = torch.from_numpy(np.stack([r["scores"] for r in rows]).astype(np.float32))
+    n = scores.shape[1]
+    is_top1 = torch.zeros(len(flat), dtype=torch.bool)
+    is_top1[::n] = True  # candidates are stored best first
+    return BeamBatch(base.input_ids, base.loss_mask, scores, torch.ones_like(scores, dtype=torch.bool), is_top1)
+
+
+def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int) -> Callable[[int], Iterator[StepBatch]]:
+    """``skip -> iterator of StepBatch``: one micro-batch from each source's stream per step."""
+    collate = {"data": collate_data, "samples": lambda r: collate_samples(r, pad_id), "beams": lambda r: collate_beams(r, pad_id)}
+
+    def batches(skip: int) -> Iterator[StepBatch]:
+        its = {src: stream.batches(batch_size, skip) for src, stream in streams.items()}
+        while True:
+            yield StepBatch({src: collate[src](next(it)) for src, it in its.items()})
+
+    return batches
+
+
+def read_samples_table(table, soft_k: int) -> dict[str, np.ndarray]:
+    """A samples shard as per-row object arrays: prompt_ids, completion_ids [, topk_ids [n,k], topk_logprobs, tail_logprob]."""
+    out = {
+        "prompt_ids": _ragged(table["prompt_ids"]),
+        "completion_ids": _ragged(table["completion_ids"]),
+    }
+    if soft_k:
+        ids, lps, tail = _ragged(table["topk_ids"]), _ragged(table["topk_logprobs"]), _ragged(table["tail_logprob"])
+        out["topk_ids"] = _obj([a.astype(np.int64).reshape(-1, soft_k) for a in ids])
+        out["topk_logprobs"] = _obj([a.astype(np.float32).reshape(-1, soft_k) for a in lps])
+        out["tail_logprob"] = _obj([a.astype(np.float32) for a in tail])
+    return out
+
+
+def read_beams_table(table, num_beams: int) -> dict[str, np.ndarray]:
+    """A beams shard (one row per candidate, best first within a prompt) grouped per prompt."""
+    prompts, completions = _ragged(table["prompt_ids"]), _ragged(table["completion_ids"])
+    scores = table["score"].to_numpy()
+    n = table.num_rows // num_beams
+    return {
+        "prompt_ids": _obj([prompts[i * num_beams] for i in range(n)]),
+        "candidates": _obj([list(completions[i * num_beams : (i + 1) * num_beams]) for i in range(n)]),
+        "scores": scores.reshape(n, num_beams),
+    }
+
+
+def _ragged(col) -> np.ndarray:
+    """A variable-length list column as an object array of numpy arrays."""
+    arr = col.combine_chunks()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    return _obj([values[offsets[i] : offsets[i + 1]] for i in range(len(arr))])
+
+
+def _obj(items: list) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):  # element-wise, so equal-length lists are not broadcast into 2-D
+        out[i] = item
+    return out

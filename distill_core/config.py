@@ -7,7 +7,7 @@ descriptions, dropdowns for ``Literal`` choices and bounds checked before submis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -69,6 +69,33 @@ class TopKConfig(_Model):
     batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
 
 
+class SamplesConfig(_Model):
+    """Sequence-level KD: the teacher writes continuations of prompts taken from the train data."""
+
+    prompt_len: int = Field(32, ge=1, description="Prompt tokens: the start of each packed train sequence.")
+    num_prompts: int = Field(64, ge=1, description="Prompts used (taken from the train shards in order).")
+    num_samples: int = Field(2, ge=1, le=64, description="Continuations the teacher writes per prompt.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Longest continuation; EOS ends one earlier.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = off).")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0 = off).")
+    soft_topk: int = Field(0, ge=0, le=1024, description="Also store the teacher's top-k at each generated position (0 = off).")
+    soft_temperature: float = Field(1.0, gt=0.0, le=20.0, description="Temperature of those soft targets.")
+    seed: int = Field(0, description="Sampling seed: the same seed gives the same samples.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch (rows = prompts × num_samples).")
+
+
+class BeamsConfig(_Model):
+    """Distilled beam search: the teacher's N beam candidates per prompt, with scores."""
+
+    prompt_len: int = Field(32, ge=1, description="Prompt tokens: the start of each packed train sequence.")
+    num_prompts: int = Field(64, ge=1, description="Prompts used (taken from the train shards in order).")
+    num_beams: int = Field(4, ge=2, le=64, description="Beam width; every finished candidate is kept.")
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    length_penalty: float = Field(1.0, ge=0.0, le=5.0, description="score = sum logprob / n_tokens ** length_penalty.")
+    batch_size: int = Field(8, ge=1, description="Prompts per beam-search batch.")
+
+
 # -- student and training --------------------------------------------------------------------------
 class StudentConfig(_Model):
     init: Literal["teacher_layers", "config", "pretrained"] = Field(
@@ -90,13 +117,39 @@ class StudentConfig(_Model):
         return self
 
 
-LossName = Literal["ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+LossName = Literal[
+    "ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "seqkd", "beam_top1", "beam_rank"
+]
 
 
 class LossTerm(_Model):
-    name: LossName = Field(description="ce: cross-entropy on data tokens; others: divergences to the teacher's top-k.")
+    name: LossName = Field(
+        description="ce: cross-entropy on data tokens; forward_kl..tvd: divergences to the teacher's top-k "
+        "(on the data, or on teacher samples with on=samples); seqkd: cross-entropy on teacher samples' "
+        "completions; beam_top1: cross-entropy on the teacher's best beam; beam_rank: rank the teacher's beams."
+    )
     weight: float = Field(1.0, gt=0.0, description="Weight of this term in the sum.")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight (jsd) or skew (skew_kl).")
+    on: Literal["data", "samples"] = Field("data", description="Where a divergence is taken: data positions or sample completions.")
+    ranking: Literal["listwise", "pairwise"] = Field("listwise", description="beam_rank: listwise KL or pairwise margin.")
+    rank_temperature: float = Field(1.0, gt=0.0, description="beam_rank listwise: softmax temperature over candidates.")
+    margin: float = Field(0.1, ge=0.0, description="beam_rank pairwise: required score gap.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossTerm":
+        if self.on == "samples" and self.name not in DIVERGENCE_NAMES:
+            raise ValueError(f"on=samples applies to divergences {DIVERGENCE_NAMES}; {self.name!r} has a fixed source.")
+        return self
+
+    @property
+    def source(self) -> Literal["data", "samples", "beams"]:
+        """The cached teacher output this term trains on."""
+        if self.name in ("seqkd",) or self.on == "samples":
+            return "samples"
+        if self.name.startswith("beam_"):
+            return "beams"
+        return "data"
 
 
 class TrainConfig(_Model):
@@ -127,6 +180,12 @@ class TrainConfig(_Model):
     def kd_terms(self) -> list[LossTerm]:
         return [t for t in self.losses if t.name != "ce"]
 
+    def needs(self, cache: Literal["topk", "samples", "beams"]) -> bool:
+        """Whether some loss term trains on this teacher cache."""
+        if cache == "topk":
+            return any(t.name in DIVERGENCE_NAMES and t.on == "data" for t in self.losses)
+        return any(t.source == cache for t in self.losses)
+
 
 # -- evaluation and registry -----------------------------------------------------------------------
 class EvalConfig(_Model):
@@ -142,7 +201,30 @@ class RegistryConfig(_Model):
 
 class StorageConfig(_Model):
     root: str = Field("./runs", description="Local folder or fsspec URL (s3://bucket/prefix) holding every artifact.")
-    options: dict[str, str] = Field(default_factory=dict, description="fsspec storage options, e.g. endpoint_url.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options, e.g. endpoint_url (MinIO), profile, config_kwargs; credentials come "
+        "from the standard AWS chain when not given here.",
+    )
+
+
+class RunnerConfig(_Model):
+    """Where teacher stages run their per-shard tasks (Prefect task runner)."""
+
+    kind: Literal["threads", "dask", "ray"] = Field(
+        "threads",
+        description="threads: in the flow's process; dask: a Dask cluster (prefect-dask); ray: a Ray cluster (prefect-ray).",
+    )
+    address: str | None = Field(
+        None,
+        description="Address of an existing cluster (dask: tcp://scheduler:8786; ray: ray://head:10001); "
+        "empty starts a local one for the stage.",
+    )
+    workers: int = Field(
+        1, ge=1, le=1024,
+        description="Shards computed at once: threads in the flow's process, or workers of a local cluster.",
+    )
+    processes: bool = Field(True, description="Local Dask cluster: a process per worker (True) or threads in this process.")
 
 
 class RunConfig(_Model):
@@ -152,10 +234,23 @@ class RunConfig(_Model):
     teacher: TeacherConfig = Field(default_factory=GGUFTeacher)
     data: DataConfig = Field(default_factory=DataConfig)
     topk: TopKConfig = Field(default_factory=TopKConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    beams: BeamsConfig = Field(default_factory=BeamsConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        soft_on_samples = [t.name for t in self.train.losses if t.on == "samples"]
+        if soft_on_samples and self.samples.soft_topk == 0:
+            raise ValueError(
+                f"train.losses {soft_on_samples} use the teacher's soft targets on samples, but samples.soft_topk is 0: "
+                "set samples.soft_topk (e.g. 32) so the sample cache stores them."
+            )
+        return self
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -34,12 +34,27 @@ def cache_shard_name(data_shard_sha256: str) -> str:
     return f"part-{data_shard_sha256[:16]}.parquet"
 
 
-def shards_for(cache: CacheRef, storage: Storage, data_folder: str) -> list[str]:
-    """Names of the cache shards that cover every shard of ``data_folder``, in data order.
+def prompt_plan(data_shards: list[dict], rows: int | None) -> list[tuple[dict, int]]:
+    """The data shards (in order) that supply the first ``rows`` rows, with how many rows each gives.
+
+    ``rows=None`` takes every row of every shard."""
+    plan, left = [], rows
+    for entry in data_shards:
+        if left is not None and left <= 0:
+            break
+        take = entry["rows"] if left is None else min(entry["rows"], left)
+        plan.append((entry, take))
+        left = None if left is None else left - take
+    return plan
+
+
+def shards_for(cache: CacheRef, storage: Storage, data_folder: str, rows: int | None = None) -> list[str]:
+    """Names of the cache shards that cover the first ``rows`` rows (default all) of ``data_folder``.
 
     Raises CacheError when some are missing (the teacher stage did not finish)."""
     store = cache.open(storage)
-    names = [cache_shard_name(s["sha256"]) for s in read_manifest(storage, data_folder)["shards"]]
+    plan = prompt_plan(read_manifest(storage, data_folder)["shards"], rows)
+    names = [cache_shard_name(entry["sha256"]) for entry, _ in plan]
     missing = [n for n in names if not store.committed(n)]
     if missing:
         raise CacheError(

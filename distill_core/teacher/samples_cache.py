@@ -1,0 +1,66 @@
+"""Sequence-level KD cache: the teacher's sampled continuations of prompts from the train data.
+
+One row per (prompt, sample): prompt ids, completion ids, the teacher's log-probability of each
+sampled token, why it stopped, and optionally the teacher's top-k at every completion position
+(from the same forward passes, so SeqKD and soft targets combine without a second teacher pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from distill_core.cache.ref import CacheRef
+from distill_core.cache.shards import SCHEMA_VERSION
+from distill_core.cache.stage import ShardJob, shard_seed
+from distill_core.config import SamplesConfig
+from distill_core.data import DataRef, id_type
+from distill_core.errors import ConfigError
+from distill_core.storage import fingerprint
+from distill_core.teacher.sample import sample
+
+
+def samples_job(cfg: SamplesConfig, teacher: dict, data: DataRef) -> ShardJob:
+    """The samples stage: content-addressed by the sampling settings, teacher, tokenizer and prompt shape."""
+    if cfg.prompt_len >= data.seq_len:
+        raise ConfigError(f"samples.prompt_len {cfg.prompt_len} must be below data.seq_len {data.seq_len}: prompts are cut from train sequences.")
+    meta = {
+        "teacher": teacher["source"],
+        "teacher_fingerprint": teacher["fingerprint"],
+        "tokenizer_hash": data.tokenizer_hash,
+        "seq_len": data.seq_len,
+        "vocab_size": data.vocab_size,
+        "schema_version": SCHEMA_VERSION,
+        **cfg.model_dump(exclude={"batch_size"}),
+    }
+    fp = fingerprint({"kind": "samples", **meta})
+    ref = CacheRef(kind="samples", folder=f"caches/samples/{fp}", fingerprint=fp, meta=meta)
+    ids_type = id_type(data.vocab_size)
+    eos = teacher.get("eos_token_id")
+    pad = eos if eos is not None else 0
+
+    def compute(model, seq_ids: np.ndarray, input_ids: np.ndarray, data_sha: str) -> pa.Table:
+        prompts = [row[: cfg.prompt_len].tolist() for row in input_ids]
+        results = sample(
+            model, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=eos, pad_token_id=pad,
+            seed=shard_seed(cfg.seed, data_sha), batch_size=cfg.batch_size,
+            soft_topk=cfg.soft_topk, soft_temperature=cfg.soft_temperature,
+        )
+        ids_np = ids_type.to_pandas_dtype()
+        columns = {
+            "prompt_id": pa.array([int(seq_ids[r.prompt_index]) for r in results], pa.int64()),
+            "sample_idx": pa.array([r.sample_idx for r in results], pa.int32()),
+            "prompt_ids": pa.array([np.asarray(prompts[r.prompt_index], ids_np) for r in results], pa.list_(ids_type)),
+            "completion_ids": pa.array([np.asarray(r.completion_ids, ids_np) for r in results], pa.list_(ids_type)),
+            "token_logprobs": pa.array([np.asarray(r.token_logprobs, np.float32) for r in results], pa.list_(pa.float32())),
+            "finish_reason": pa.array([r.finish_reason for r in results], pa.string()),
+        }
+        if cfg.soft_topk:
+            columns["topk_ids"] = pa.array([r.topk_ids.numpy().astype(ids_np).reshape(-1) for r in results], pa.list_(ids_type))
+            # float16 keeps ~3 significant digits of a log-probability: ample for targets, half the bytes.
+            columns["topk_logprobs"] = pa.array([r.topk_logprobs.numpy().astype(np.float16).reshape(-1) for r in results], pa.list_(pa.float16()))
+            columns["tail_logprob"] = pa.array([r.tail_logprob.numpy().astype(np.float32) for r in results], pa.list_(pa.float32()))
+        return pa.table(columns)
+
+    return ShardJob(ref=ref, rows=cfg.num_prompts, compute=compute)

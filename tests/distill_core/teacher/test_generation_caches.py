@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from distill_core.batches import collate_beams, collate_samples, read_beams_table, read_samples_table
+from distill_core.cache.ref import shards_for
+from distill_core.cache.stage import run_all
+from distill_core.config import BeamsConfig, DataConfig, SamplesConfig
+from distill_core.data import prepare_data
+from distill_core.errors import CacheError
+from distill_core.storage import Storage
+from distill_core.teacher.beams_cache import beams_job
+from distill_core.teacher.samples_cache import samples_job
+
+TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16, "eos_token_id": 0}
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_tokenizer):
+    storage = Storage(str(tmp_path / "root"))
+    cfg = DataConfig(seq_len=24, rows_per_shard=4, max_documents=12, max_train_sequences=12, max_validation_sequences=4)
+    return storage, prepare_data(cfg, tiny_tokenizer, "tok", storage)
+
+
+def test_samples_cache_is_reproducible_and_covers_the_planned_prompts(prepared, tiny_teacher, tmp_path):
+    storage, data = prepared
+    cfg = SamplesConfig(prompt_len=8, num_prompts=6, num_samples=2, max_new_tokens=5, soft_topk=4, batch_size=4)
+    job = samples_job(cfg, TEACHER, data)
+    ref = run_all(job, lambda: tiny_teacher, data, storage)
+    names = shards_for(ref, storage, data.train, rows=6)
+    assert len(names) == 2  # 4 prompts from the first data shard, 2 from the second
+    tables = [ref.open(storage).read_shard(n) for n in names]
+    assert [t.num_rows for t in tables] == [8, 4]
+    rows = read_samples_table(tables[0], 4)
+    assert len(rows["prompt_ids"][0]) == 8 and 1 <= len(rows["completion_ids"][0]) <= 5
+    assert rows["topk_ids"][0].shape == (len(rows["completion_ids"][0]), 4)
+    other = Storage(str(tmp_path / "other"))
+    other.upload_dir(storage.local_path(data.folder), data.folder)
+    ref2 = run_all(job, lambda: tiny_teacher, data, other)
+    assert [s.sha256 for s in ref.open(storage).shards] == [s.sha256 for s in ref2.open(other).shards]
+
+
+def test_samples_batch_masks_prompt_tokens(prepared, tiny_teacher):
+    storage, data = prepared
+    cfg = SamplesConfig(prompt_len=8, num_prompts=4, num_samples=1, max_new_tokens=5, soft_topk=3)
+    ref = run_all(samples_job(cfg, TEACHER, data), lambda: tiny_teacher, data, storage)
+    rows = read_samples_table(ref.open(storage).read_shard(shards_for(ref, storage, data.train, 4)[0]), 3)
+    batch = collate_samples([{k: v[i] for k, v in rows.items()} for i in range(2)], pad_id=0)
+    for i in range(2):
+        c = len(rows["completion_ids"][i])
+        expected = torch.zeros(batch.loss_mask.shape[1], dtype=torch.bool)
+        expected[7 : 7 + c] = True  # position t predicts token t+1: the first completion token is at 8
+        assert torch.equal(batch.loss_mask[i], expected)
+        assert torch.equal(batch.input_ids[i, 8 : 8 + c], torch.as_tensor(rows["completion_ids"][i].astype(np.int64)))
+        assert torch.equal(batch.targets.ids[i, 7 : 7 + c], torch.as_tensor(rows["topk_ids"][i]))
+
+
+def test_beams_cache_keeps_every_candidate_best_first(prepared, tiny_teacher):
+    storage, data = prepared
+    cfg = BeamsConfig(prompt_len=8, num_prompts=4, num_beams=3, max_new_tokens=4)
+    ref = run_all(beams_job(cfg, TEACHER, data), lambda: tiny_teacher, data, storage)
+    table = ref.open(storage).read_shard(shards_for(ref, storage, data.train, 4)[0])
+    assert table.num_rows == 12
+    assert table["rank"].to_pylist()[:3] == [0, 1, 2]
+    scores = table["score"].to_numpy().reshape(4, 3)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    n = table["n_tokens"].to_numpy()
+    np.testing.assert_allclose(table["score"].to_numpy(), table["sum_logprob"].to_numpy() / n, rtol=1e-5)
+    grouped = read_beams_table(table, 3)
+    batch = collate_beams([{k: v[i] for k, v in grouped.items()} for i in range(2)], pad_id=0)
+    assert batch.input_ids.shape[0] == 6 and batch.teacher_scores.shape == (2, 3)
+    assert batch.is_top1.tolist() == [True, False, False, True, False, False]
+
+
+def test_prompt_longer_than_sequences_is_refused(prepared):
+    _, data = prepared
+    from distill_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prompt_len"):
+        samples_job(SamplesConfig(prompt_len=24), TEACHER, data)
+
+
+def test_missing_samples_shards_are_named(prepared):
+    storage, data = prepared
+    ref = samples_job(SamplesConfig(prompt_len=8, num_prompts=4), TEACHER, data).ref
+    with pytest.raises(CacheError, match="run the cache_samples stage"):
+        shards_for(ref, storage, data.train, rows=4)
