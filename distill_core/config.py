@@ -192,6 +192,19 @@ class EvalConfig(_Model):
     max_sequences: int = Field(64, ge=1, description="Validation sequences scored.")
     batch_size: int = Field(8, ge=1)
     speed_tokens: int = Field(512, ge=16, description="Tokens used to time CPU throughput of teacher and student.")
+    generation: Literal["auto", "on", "off"] = Field(
+        "auto", description="Teacher-scored NLL and distinct-n of samples on held-out prompts (auto: when a student trains on samples)."
+    )
+    selection: Literal["auto", "on", "off"] = Field(
+        "auto", description="Beam selection agreement, Kendall tau and beam token F1 (auto: when a student trains on beams)."
+    )
+    prompts: int = Field(8, ge=1, description="Held-out prompts (starts of validation sequences) for generation metrics.")
+    prompt_len: int = Field(16, ge=1, description="Tokens per held-out prompt.")
+    max_new_tokens: int = Field(24, ge=1, description="Tokens written per held-out prompt.")
+
+    def wants(self, metric: Literal["generation", "selection"], train: "TrainConfig") -> bool:
+        setting = getattr(self, metric)
+        return setting == "on" or (setting == "auto" and train.needs("samples" if metric == "generation" else "beams"))
 
 
 class RegistryConfig(_Model):

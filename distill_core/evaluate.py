@@ -93,10 +93,41 @@ def load_model(storage: Storage, folder: str):
     return AutoModelForCausalLM.from_pretrained(storage.local_dir(folder), torch_dtype=torch.float32).eval()
 
 
-def evaluate_students(teacher_ref, students: dict[str, str], storage: Storage, data: DataRef, cfg: EvalConfig, device) -> dict[str, dict]:
-    """Load the teacher and each student folder, then :func:`evaluate` them on the validation split."""
+def held_out_prompts(storage: Storage, data: DataRef, count: int, prompt_len: int) -> list[list[int]]:
+    """The first ``prompt_len`` tokens of the first ``count`` validation sequences."""
+    prompts: list[list[int]] = []
+    for _, _, input_ids in read_sequences(storage, data.validation):
+        prompts += [row[:prompt_len].tolist() for row in input_ids[: count - len(prompts)]]
+        if len(prompts) >= count:
+            break
+    return prompts
+
+
+def evaluate_students(
+    teacher_ref, students: dict[str, str], storage: Storage, data: DataRef, cfg: EvalConfig, device,
+    *, generation: bool = False, selection: bool = False, beams=None,
+) -> dict[str, dict]:
+    """Load the teacher and each student folder, then :func:`evaluate` them on the validation split.
+
+    ``generation`` adds sample metrics (teacher-scored NLL, distinct-n, example texts) for every model;
+    ``selection`` adds beam-ranking metrics for each student, with ``beams`` (a BeamsConfig) giving
+    the beam width and length penalty."""
+    from distill_core.generation_metrics import sample_metrics, selection_metrics
     from distill_core.teacher.load import load_teacher
 
-    teacher, _ = load_teacher(teacher_ref, storage)
+    teacher, tokenizer = load_teacher(teacher_ref, storage)
     models = {name: load_model(storage, folder) for name, folder in students.items()}
-    return evaluate(teacher, models, storage, data, cfg, device)
+    metrics = evaluate(teacher, models, storage, data, cfg, device)
+    if generation or selection:
+        prompts = held_out_prompts(storage, data, cfg.prompts, min(cfg.prompt_len, data.seq_len - 1))
+        ids = dict(eos_id=teacher_ref.eos_token_id, pad_id=tokenizer.pad_token_id)
+        teacher, models = teacher.to(device), {n: m.to(device) for n, m in models.items()}
+    if generation:
+        for name, values in sample_metrics(teacher, models, prompts, max_new_tokens=cfg.max_new_tokens, seed=0,
+                                           tokenizer=tokenizer, **ids).items():
+            metrics[name].update(values)
+    if selection:
+        for name, values in selection_metrics(teacher, models, prompts, num_beams=beams.num_beams, max_new_tokens=cfg.max_new_tokens,
+                                              length_penalty=beams.length_penalty, **ids).items():
+            metrics[name].update(values)
+    return metrics
