@@ -14,6 +14,7 @@ Tail modes for the sparse loss (the teacher mass outside its top-k):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import torch
@@ -71,13 +72,34 @@ def _sparse_log_probs(
         # Nothing outside the ids; logsumexp over an all −inf row would give NaN gradients.
         lse_rest = torch.full_like(lse_ids, float("-inf"))
     else:
-        # The one full-vocabulary float32 copy: the student's logits with the ids masked out.
-        rest = student_logits.to(torch.float32, copy=True).div_(temperature).scatter_(-1, ids, float("-inf"))
-        lse_rest = torch.logsumexp(rest, dim=-1)
+        lse_rest = _student_tail(student_logits, ids, lse_ids, temperature)
     lse_all = torch.logaddexp(lse_ids, lse_rest)
     log_q = torch.cat([student_at_ids - lse_all.unsqueeze(-1), (lse_rest - lse_all).unsqueeze(-1)], dim=-1)
     log_p = torch.cat([logprobs.float(), tail_logprob.float().unsqueeze(-1)], dim=-1)
     return log_p, log_q
+
+
+# Below this student tail mass, log(1 − mass at the ids) loses float32 precision: recompute exactly.
+_EXACT_TAIL_BELOW = 1e-3
+
+
+def _student_tail(student_logits: torch.Tensor, ids: torch.Tensor, lse_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log Σ exp(logits/τ) over the ids *not* in ``ids``: [..., k] ids → [...] float32.
+
+    Fast path: log(Z − Z_ids) from one logsumexp over the vocabulary (no masked copy). Where the
+    tail is under 1e-3 of the mass that difference cancels, so those rows alone are recomputed as a
+    logsumexp over the logits with the ids masked out (one full-vocabulary copy of those rows)."""
+    x = student_logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    lse_all = torch.logsumexp(x, dim=-1)
+    gap = (lse_ids - lse_all).clamp(max=0.0)  # log of the mass at the ids, ≤ 0
+    exact = gap > math.log1p(-_EXACT_TAIL_BELOW)
+    lse_rest = lse_all + torch.log(-torch.expm1(gap.clamp(max=math.log1p(-_EXACT_TAIL_BELOW))))
+    if exact.any():
+        rows = x[exact].scatter(-1, ids[exact], float("-inf"))
+        lse_rest = lse_rest.masked_scatter(exact, torch.logsumexp(rows, dim=-1))
+    return lse_rest
 
 
 def _sparse_rows(

@@ -236,4 +236,7 @@ def test_targets_to_device():
 
 
 def test_loss_names_match_config():
-    assert set(LOSS_NAMES) == set(typing.get_args(LossName))
+    from distill_core.config import DIVERGENCE_NAMES
+
+    assert set(DIVERGENCE_NAMES) == set(DIVERGENCES)
+    assert set(LOSS_NAMES) <= set(typing.get_args(LossName))
