@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo serve test test-fast clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/distillery run deployments/demo.yaml
+
+serve: install
+	$(VENV)/bin/distillery serve
 
 test: install
 	$(PY) -m pytest -q

@@ -152,6 +152,16 @@ class LossTerm(_Model):
         return "data"
 
 
+CacheKind = Literal["topk", "samples", "beams"]
+
+
+def caches_for(terms: list[LossTerm]) -> list[CacheKind]:
+    """The teacher caches these loss terms train on, in stage order (top-k soft targets on the data
+    come from the top-k cache; everything on samples or beams from those caches)."""
+    needed = {"topk" if t.source == "data" else t.source for t in terms if t.name != "ce"}
+    return [kind for kind in ("topk", "samples", "beams") if kind in needed]
+
+
 class TrainConfig(_Model):
     losses: list[LossTerm] = Field(
         default_factory=lambda: [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5)],
@@ -180,11 +190,17 @@ class TrainConfig(_Model):
     def kd_terms(self) -> list[LossTerm]:
         return [t for t in self.losses if t.name != "ce"]
 
-    def needs(self, cache: Literal["topk", "samples", "beams"]) -> bool:
+    def students(self) -> dict[str, list[LossTerm]]:
+        """The students a run trains: "student" with the configured terms, and the CE-only "baseline"."""
+        return {"student": list(self.losses), **({"baseline": [LossTerm(name="ce")]} if self.baseline else {})}
+
+    def caches(self) -> list[CacheKind]:
+        """The teacher caches some loss term trains on, in stage order."""
+        return caches_for(self.losses)
+
+    def needs(self, cache: CacheKind) -> bool:
         """Whether some loss term trains on this teacher cache."""
-        if cache == "topk":
-            return any(t.name in DIVERGENCE_NAMES and t.on == "data" for t in self.losses)
-        return any(t.source == cache for t in self.losses)
+        return cache in self.caches()
 
 
 # -- evaluation and registry -----------------------------------------------------------------------
@@ -208,8 +224,16 @@ class EvalConfig(_Model):
 
 
 class RegistryConfig(_Model):
-    kind: Literal["file"] = Field("file", description="file: registry/<name>/<version>/ under the storage root.")
+    kind: Literal["file", "mlflow"] = Field(
+        "file",
+        description="file: registry/<name>/<version>/ under the storage root; mlflow: a registered model version "
+        "on an MLflow tracking server (needs the 'mlflow' extra).",
+    )
     name: str = Field("student", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Model name in the registry.")
+    tracking_uri: str | None = Field(
+        None, description="mlflow: tracking server URL, e.g. http://mlflow:5000; empty uses $MLFLOW_TRACKING_URI."
+    )
+    experiment: str = Field("distillery", min_length=1, description="mlflow: experiment that holds the register runs.")
 
 
 class StorageConfig(_Model):

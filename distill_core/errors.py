@@ -23,3 +23,7 @@ class CacheError(DistilleryError):
 
 class RegistryError(DistilleryError):
     """A registry entry is missing, or an immutable version would be overwritten."""
+
+
+class RunLockedError(DistilleryError):
+    """Another run holds the lock of this run id."""

@@ -1,17 +1,22 @@
 """The record of one run: its resolved config and each finished stage's output, under runs/<run_id>/.
 
 Stages pass small JSON values (refs to data, caches, models), never tensors; a stage run alone on
-a run id reads its inputs from here.
+a run id reads its inputs from here. ``runs/<run_id>/.lock`` (:class:`RunLock`) is held while a flow
+works on the run, so two runs on one run id never interleave.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import re
+import socket
+import uuid
 from typing import Any
 
 from distill_core.config import RunConfig
-from distill_core.errors import ConfigError
+from distill_core.errors import ConfigError, RunLockedError
 from distill_core.storage import Storage
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -49,3 +54,96 @@ class RunRecord:
                 f"(distillery stage {stage} CONFIG --run-id {self.run_id})."
             )
         return self.storage.read_json(f"{self.folder}/stages/{stage}.json")
+
+
+class RunLock:
+    """Exclusive ``runs/<run_id>/.lock`` with its holder's identity; a second holder fails fast.
+
+    Local roots create the file with ``O_CREAT | O_EXCL`` (atomic). Object stores use
+    ``Storage.write_new`` (check, then PUT): it catches a second run unless both start within the
+    same few milliseconds. A lock left by a killed process on this host (its pid no longer exists)
+    is taken over; any other held lock raises :class:`RunLockedError` naming the file and the fix.
+    """
+
+    def __init__(self, storage: Storage, run_id: str, owner: dict[str, Any] | None = None):
+        self.record = RunRecord(storage, run_id)  # validates the run id
+        self.storage, self.run_id = storage, run_id
+        self.rel = f"{self.record.folder}/.lock"
+        self.url = storage.url(self.rel)
+        self.holder = {
+            **(owner or {}), "host": socket.gethostname(), "pid": os.getpid(),
+            "since": dt.datetime.now(dt.timezone.utc).isoformat(), "token": uuid.uuid4().hex,
+        }
+
+    def acquire(self) -> "RunLock":
+        if self._try_create():
+            return self
+        found = self.read_holder()
+        if found is not None and _stale(found) and self.read_holder() == found:
+            self.storage.remove(self.rel)
+            if self._try_create():
+                return self
+            found = self.read_holder()
+        raise RunLockedError(
+            f"run {self.run_id!r} is already in use: {self.url} is held by {_describe(found)}. "
+            f"Wait for that run to finish, or use another run id; if no run is working on {self.run_id!r} "
+            f"(it was killed on another machine), delete {self.url} and start again."
+        )
+
+    def release(self) -> None:
+        """Remove the lock if this holder still owns it (never another run's lock)."""
+        found = self.read_holder()
+        if found is not None and found.get("token") == self.holder["token"]:
+            self.storage.remove(self.rel)
+
+    def read_holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read_bytes(self.rel))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # half-written by a killed process: held by an unknown owner
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _try_create(self) -> bool:
+        data = json.dumps(self.holder, sort_keys=True).encode()
+        path = self.storage.local_path(self.rel)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            self.storage.write_new(self.rel, data)
+        except FileExistsError:
+            return False
+        return True
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """True when the holder ran on this host and its process is gone (killed before releasing)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "an unknown owner"
+    parts = [f"{k} {holder[k]}" for k in ("flow_run_name", "flow_run_id", "host", "pid", "since") if holder.get(k)]
+    return ", ".join(parts) or "an unknown owner"

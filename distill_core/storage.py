@@ -34,7 +34,12 @@ class Storage:
     def __init__(self, root: str, storage_options: dict | None = None):
         self.root = root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
         self.storage_options = dict(storage_options or {})
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        options = dict(self.storage_options)
+        if "://" in self.root and not self.root.startswith("file://"):
+            # Other processes (shard tasks on Dask workers, a concurrent run) write under the same
+            # prefixes, so a cached directory listing would hide their files: always ask the store.
+            options.setdefault("use_listings_cache", False)
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
         self.is_local = "file" in _protocols(self.fs)
 
     def url(self, *parts: str) -> str:
@@ -71,6 +76,10 @@ class Storage:
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def size(self, rel: str) -> int:
+        """Size in bytes of the file ``rel`` (one metadata request on an object store)."""
+        return int(self.fs.size(self._path(rel)))
 
     def write_new(self, rel: str, data: bytes) -> None:
         """Write a file that must not exist yet (immutable artifacts); refuses to overwrite."""

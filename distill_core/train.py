@@ -17,12 +17,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from distill_core.batches import Batch
+from distill_core import distributed
+from distill_core.batches import StepBatch
 from distill_core.config import LossTerm, TrainConfig
 from distill_core.errors import CacheError
 from distill_core.losses.divergence import sparse_divergence
 from distill_core.losses.reduce import masked_mean
-from distill_core.losses.sequence import token_cross_entropy
+from distill_core.losses.ranking import listwise_loss, pairwise_margin_loss
+from distill_core.losses.sequence import length_normalised, sequence_logprob, token_cross_entropy
 from distill_core.storage import Storage
 
 Progress = Callable[[int, int, dict], None]
@@ -55,21 +57,46 @@ def lr_lambda(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def loss_step(student, batch: Batch, terms: list[LossTerm], *, tail: str, temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the loss terms on one batch, and each term's (unweighted) value."""
-    logits = student(input_ids=batch.input_ids).logits[:, :-1]
-    labels = batch.input_ids[:, 1:]
+def loss_step(
+    student, batch: StepBatch, terms: list[LossTerm], *, tail: str, temperatures: dict[str, float], length_penalty: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the loss terms on one step's batches, and each term's (unweighted) value.
+
+    One student forward per source serves every term on that source. ``temperatures`` maps a
+    source to the temperature its soft targets were taken at (1 when absent); ``length_penalty`` normalises the
+    student's beam-candidate scores as the teacher's were."""
+    logits: dict[str, torch.Tensor] = {}
     parts = {}
     for term in terms:
-        if term.name == "ce":
-            per_token = token_cross_entropy(logits, labels, batch.loss_mask)
+        b = batch[term.source]
+        if term.source not in logits:
+            logits[term.source] = student(input_ids=b.input_ids).logits[:, :-1]
+        out, labels = logits[term.source], b.input_ids[:, 1:]
+        if term.name in ("ce", "seqkd"):
+            value = masked_mean(token_cross_entropy(out, labels, b.loss_mask), b.loss_mask)
+        elif term.name == "beam_top1":
+            mask = b.loss_mask & b.is_top1[:, None]
+            value = masked_mean(token_cross_entropy(out, labels, mask), mask)
+        elif term.name == "beam_rank":
+            sum_lp, n_tokens = sequence_logprob(out, labels, b.loss_mask)
+            scores = length_normalised(sum_lp, n_tokens, length_penalty).view_as(b.teacher_scores)
+            if term.ranking == "listwise":
+                per_prompt = listwise_loss(scores, b.teacher_scores, b.valid, term.rank_temperature)
+            else:
+                per_prompt = pairwise_margin_loss(scores, b.teacher_scores, b.valid, term.margin)
+            value = per_prompt.mean()
         else:
-            if batch.targets is None:
-                raise CacheError(f"loss {term.name!r} needs teacher top-k targets, but the batch has none: run cache_topk.")
-            per_token = sparse_divergence(term.name, logits, batch.targets, tail=tail, temperature=temperature, beta=term.beta)
-        parts[term.name] = masked_mean(per_token, batch.loss_mask)
-    total = sum(t.weight * parts[t.name] for t in terms)
+            if b.targets is None:
+                raise CacheError(f"loss {term.name!r} needs the teacher's top-k on {term.source}, but that cache has none.")
+            per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperatures.get(term.source, 1.0), beta=term.beta)
+            value = masked_mean(per_token, b.loss_mask)
+        parts[_part_name(term)] = value
+    total = sum(t.weight * parts[_part_name(t)] for t in terms)
     return total, parts
+
+
+def _part_name(term: LossTerm) -> str:
+    return f"{term.name}@samples" if term.on == "samples" else term.name
 
 
 def train(
@@ -80,7 +107,8 @@ def train(
     storage: Storage,
     out: str,
     *,
-    temperature: float = 1.0,
+    temperatures: dict[str, float] | None = None,
+    length_penalty: float = 1.0,
     tokenizer=None,
     progress: Progress | None = None,
     fail_at_step: int | None = None,
@@ -89,12 +117,17 @@ def train(
 
     ``batches(skip)`` yields micro-batches after skipping ``skip`` of them (resume support).
     ``fail_at_step`` raises after that step's checkpoint logic: used by fault-injection tests.
+    Under torchrun this trains with DDP (see :mod:`distill_core.distributed`): ``batches`` yields the
+    same global micro-batches on every rank, each rank trains on its slice, and rank 0 writes.
     """
     if storage.exists(f"{out}/model/{FINISHED}"):
         return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
     device = resolve_device(cfg.device)
+    world = distributed.init(device)  # rank 0 of 1 outside torchrun: every world.* call is then a no-op
+    device = world.device(device)
     torch.manual_seed(cfg.seed)
     student.to(device).train()
+    model = world.wrap(student)  # forward/backward through DDP; `student` (unwrapped) is what gets saved
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
     start, history = _resume(student, optimizer, scheduler, storage, out)
@@ -104,15 +137,19 @@ def train(
     for step in range(start, cfg.steps):
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
-            batch = next(stream).to(device)
-            with autocast:
-                loss, parts = loss_step(student, batch, terms, tail=cfg.tail, temperature=temperature)
-            (loss / cfg.grad_accum).backward()
-            tokens += batch.input_ids.numel()
+        for micro in range(cfg.grad_accum):
+            batch = world.shard(next(stream)).to(device)
+            with world.grad_sync(model, micro + 1 == cfg.grad_accum):
+                with autocast:
+                    loss, parts = loss_step(
+                        model, batch, terms, tail=cfg.tail, temperatures=temperatures or {}, length_penalty=length_penalty
+                    )
+                (loss / cfg.grad_accum).backward()
+            tokens += batch.num_tokens
             for name, value in [("loss", loss), *parts.items()]:
                 # .item() is a device sync; once per micro-batch is cheap next to the step itself.
                 sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
+        sums = world.mean(sums)
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -121,12 +158,17 @@ def train(
         if progress:
             progress(step + 1, cfg.steps, record)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(student, optimizer, scheduler, history, storage, out, step + 1)
+            if world.is_main:
+                _save_checkpoint(student, optimizer, scheduler, history, storage, out, step + 1)
+            world.barrier()
         if fail_at_step is not None and step + 1 == fail_at_step:
             raise RuntimeError(f"injected failure after step {fail_at_step}")
     seconds = time.perf_counter() - t0
+    tokens = world.sum(tokens)
     result = TrainResult(f"{out}/model", cfg.steps, history[-1]["loss"], history, seconds, tokens / max(seconds, 1e-9))
-    _save_final(student, tokenizer, storage, out, result)
+    if world.is_main:
+        _save_final(student, tokenizer, storage, out, result)
+    world.barrier()
     return result
 
 
@@ -208,22 +250,28 @@ def train_student(
     storage: Storage,
     teacher_ref,
     data,
-    cache=None,
+    caches: dict | None = None,
     progress: Progress | None = None,
     fail_at_step: int | None = None,
 ) -> TrainResult:
-    """Build the student from the teacher, train it on ``data`` (+ ``cache`` top-k), save it."""
-    from distill_core.batches import to_batch, topk_stream
+    """Build the student from the teacher, train it on the sources its terms need, save it.
+
+    ``caches`` maps "topk" / "samples" / "beams" to CacheRefs; each term's source must be there."""
+    from distill_core.batches import beams_stream, samples_stream, step_batches, topk_stream
     from distill_core.cache.ref import check_compatible
     from distill_core.student import build_student, check_vocab
     from distill_core.teacher.load import load_teacher
 
-    needs_cache = any(t.name != "ce" for t in terms)
-    if needs_cache and cache is None:
-        raise CacheError(f"student {name!r} has divergence terms but no top-k cache was given: run cache_topk first.")
-    if cache is not None:
+    caches = caches or {}
+    sources = sorted({t.source for t in terms})
+    needed = {"topk": any(t.source == "data" and t.name != "ce" for t in terms), "samples": "samples" in sources, "beams": "beams" in sources}
+    for kind, need in needed.items():
+        if need and kind not in caches:
+            raise CacheError(f"student {name!r} has loss terms on the {kind} cache, but none was given: run cache_{kind} first.")
+    used = {kind: caches[kind] for kind, need in needed.items() if need}
+    for cache in used.values():
         check_compatible(cache, data, teacher_ref.fingerprint)
-    inputs = {"teacher": teacher_ref.fingerprint, "data": data.fingerprint, "cache": cache.fingerprint if needs_cache else None}
+    inputs = {"teacher": teacher_ref.fingerprint, "data": data.fingerprint, "caches": {k: c.fingerprint for k, c in used.items()}}
     out = student_folder(name, student_cfg, train_cfg, terms, inputs)
     if storage.exists(f"{out}/model/{FINISHED}"):
         return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
@@ -231,8 +279,17 @@ def train_student(
     student = build_student(teacher, student_cfg, seed=train_cfg.seed)
     check_vocab(student, teacher)
     del teacher
-    stream = topk_stream(storage, data, cache if needs_cache else None, seed=train_cfg.seed)
-    temperature = cache.meta["temperature"] if needs_cache else 1.0
-    batches = lambda skip: (to_batch(a) for a in stream.batches(train_cfg.batch_size, skip))  # noqa: E731
-    return train(student, batches, train_cfg, terms, storage, out, temperature=temperature, tokenizer=tokenizer,
-                 progress=progress, fail_at_step=fail_at_step)
+    streams = {}
+    if "data" in sources:
+        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed)
+    if "samples" in sources:
+        streams["samples"] = samples_stream(storage, data, used["samples"], seed=train_cfg.seed)
+    if "beams" in sources:
+        streams["beams"] = beams_stream(storage, data, used["beams"], seed=train_cfg.seed)
+    temperatures = {"data": used["topk"].meta["temperature"] if "topk" in used else 1.0}
+    if "samples" in used:
+        temperatures["samples"] = used["samples"].meta["soft_temperature"]
+    length_penalty = used["beams"].meta["length_penalty"] if "beams" in used else 1.0
+    batches = step_batches(streams, train_cfg.batch_size, pad_id=tokenizer.pad_token_id)
+    return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures, length_penalty=length_penalty,
+                 tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step)

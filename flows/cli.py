@@ -1,4 +1,4 @@
-"""Command line: ``distillery run|stage|registry`` for runs outside the Prefect UI."""
+"""Command line: ``distillery run|stage|repair-cache|serve|registry`` for runs outside the Prefect UI."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("name", choices=["prepare_data", "cache_topk", "train_student", "evaluate", "register"])
     stage.add_argument("config")
     stage.add_argument("--run-id", required=True)
+    repair = sub.add_parser("repair-cache", help="recompute the damaged data and top-k cache shards of a run")
+    repair.add_argument("config")
+    repair.add_argument("--run-id", required=True)
+    serve = sub.add_parser("serve", help="serve the nightly and stage deployments (with schedules) from this process")
+    serve.add_argument("--config", default=None, help="run config for the deployments' parameters (default deployments/demo.yaml)")
+    serve.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1)")
     reg = sub.add_parser("registry", help="list or show registered models")
     reg.add_argument("action", choices=["list", "show"])
     reg.add_argument("name", nargs="?")
@@ -57,13 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from flows.nightly import nightly
+            from flows.runners import configured
 
-            print(format_report(nightly(load_config(args.config), run_id=args.run_id)))
+            config = load_config(args.config)
+            print(format_report(configured(nightly, config)(config, run_id=args.run_id)))
         elif args.command == "stage":
+            from flows.runners import configured
             from flows.stages import STAGES
 
-            out = STAGES[args.name](load_config(args.config), args.run_id)
+            config = load_config(args.config)
+            out = configured(STAGES[args.name], config)(config, args.run_id)
             print(json.dumps(out, indent=2, default=str))
+        elif args.command == "repair-cache":
+            from flows.runners import configured
+            from flows.stages import cache_topk_flow
+
+            config = load_config(args.config)
+            out = configured(cache_topk_flow, config)(config, args.run_id, recompute_damaged=True)
+            print(json.dumps(out, indent=2, default=str))
+        elif args.command == "serve":
+            from flows.serve import DEFAULT_CONFIG, serve
+
+            serve(args.config or DEFAULT_CONFIG, limit=args.limit)
         else:
             print(_registry(args))
     except DistilleryError as e:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import allow_failure, flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from distill_core.config import LossTerm, RunConfig
+from distill_core.config import RunConfig, caches_for
+from flows.lock import holds_run_lock
 from flows.naming import run_name
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
-from tasks.record import read_stage, record_stage, start_run
+from tasks.record import read_caches, read_stage, record_stage, start_run
 from tasks.registry import register_student
-from tasks.teacher import cache_topk, preflight, resolve_teacher
+from tasks.repair import repair_damaged
+from tasks.teacher import cache_topk_shard, commit_topk, plan_topk, preflight, resolve_teacher
 from tasks.train import train_student
 
 
 @flow(name="prepare-data", flow_run_name=run_name("prepare-data"))
+@holds_run_lock
 def prepare_data_flow(config: RunConfig, run_id: str) -> dict:
     """Resolve the teacher, check the run against it, and tokenize + pack the data."""
     start_run(config, run_id)
@@ -26,31 +30,45 @@ def prepare_data_flow(config: RunConfig, run_id: str) -> dict:
     return data
 
 
-@flow(name="cache-topk", flow_run_name=run_name("cache-topk"))
-def cache_topk_flow(config: RunConfig, run_id: str) -> dict:
-    """The teacher's top-k soft targets over the train shards."""
+# One shard at a time unless the caller picks a runner (flows.runners.configured: threads, Dask, Ray).
+@flow(name="cache-topk", flow_run_name=run_name("cache-topk"), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@holds_run_lock
+def cache_topk_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
+    """The teacher's top-k soft targets: one task per missing train shard, then one commit of them all.
+
+    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
-    cache = cache_topk(teacher, data, config.topk, config.storage)
+    if recompute_damaged:
+        repair_damaged(config, teacher, data)
+    todo = plan_topk(teacher, data, config.topk, config.storage)
+    written = cache_topk_shard.map(
+        teacher=unmapped(teacher), data=unmapped(data), cfg=unmapped(config.topk), storage=unmapped(config.storage),
+        shard=todo,
+    )
+    cache = commit_topk(teacher, data, config.topk, config.storage, written=[allow_failure(w) for w in written])
     record_stage(config, run_id, "cache_topk", cache)
     return cache
 
 
 @flow(name="train-student", flow_run_name=run_name("train-student"))
+@holds_run_lock
 def train_flow(config: RunConfig, run_id: str) -> dict:
     """The distilled student and, when configured, a CE-only baseline with the same budget."""
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
-    cache = read_stage(config, run_id, "cache_topk") if config.train.kd_terms else None
+    caches = read_caches(config, run_id)
     common = dict(student=config.student, train=config.train, storage=config.storage, teacher=teacher, data=data)
-    results = {"student": train_student("student", config.train.losses, cache=cache, **common)}
-    if config.train.baseline:
-        results["baseline"] = train_student("baseline", [LossTerm(name="ce")], cache=None, **common)
+    results = {
+        name: train_student(name, terms, caches={k: caches[k] for k in caches_for(terms)}, **common)
+        for name, terms in config.train.students().items()
+    }
     record_stage(config, run_id, "train_student", results)
     return results
 
 
 @flow(name="evaluate", flow_run_name=run_name("evaluate"))
+@holds_run_lock
 def evaluate_flow(config: RunConfig, run_id: str) -> dict:
     """Held-out metrics of teacher, student and baseline."""
     teacher = read_stage(config, run_id, "teacher")
@@ -63,14 +81,15 @@ def evaluate_flow(config: RunConfig, run_id: str) -> dict:
 
 
 @flow(name="register", flow_run_name=run_name("register"))
+@holds_run_lock
 def register_flow(config: RunConfig, run_id: str) -> dict:
     """The student as a new registry version; the champion alias moves only if it wins."""
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
-    cache = read_stage(config, run_id, "cache_topk") if config.train.kd_terms else None
+    caches = read_caches(config, run_id)
     trained = read_stage(config, run_id, "train_student")
     metrics = read_stage(config, run_id, "evaluate")
-    registered = register_student(config, run_id, teacher, data, cache, trained["student"], metrics)
+    registered = register_student(config, run_id, teacher, data, caches, trained["student"], metrics)
     record_stage(config, run_id, "register", registered)
     return registered
 

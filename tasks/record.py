@@ -24,3 +24,10 @@ def record_stage(config: RunConfig, run_id: str, stage: str, output: Any) -> Non
 @task(name="read-stage", task_run_name="read-{stage}")
 def read_stage(config: RunConfig, run_id: str, stage: str) -> Any:
     return RunRecord(storage_of(config.storage), run_id).read_stage(stage)
+
+
+@task(name="read-caches")
+def read_caches(config: RunConfig, run_id: str) -> dict[str, Any]:
+    """{kind: CacheRef dict} for every teacher cache the run's loss terms train on."""
+    record = RunRecord(storage_of(config.storage), run_id)
+    return {kind: record.read_stage(f"cache_{kind}") for kind in config.train.caches()}

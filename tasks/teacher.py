@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
+import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from distill_core.config import RunConfig, StorageConfig, TeacherConfig, TopKConfig
 from distill_core.data import DataRef
+from distill_core.errors import CacheError, DistilleryError
 from distill_core.preflight import check_run
 from distill_core.teacher.load import TeacherRef, load_teacher, resolve_teacher as _resolve
-from distill_core.teacher.topk import cache_topk as _cache_topk
+from distill_core.teacher.topk import cache_topk_shard as _cache_topk_shard
+from distill_core.teacher.topk import commit_topk as _commit_topk
+from distill_core.teacher.topk import plan_topk as _plan_topk
 from distill_core.train import resolve_device
-from tasks.common import CONTENT, progress_reporter, storage_of
+from tasks.common import CONTENT, storage_of
 
 
 @task(name="resolve-teacher", cache_policy=CONTENT, persist_result=True, retries=1)
@@ -25,12 +33,73 @@ def preflight(config: RunConfig, teacher: dict) -> None:
     check_run(config, TeacherRef.from_dict(teacher))
 
 
-@task(name="cache-topk", cache_policy=CONTENT, persist_result=True, retries=2, retry_delay_seconds=5)
-def cache_topk(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig) -> dict:
-    """Top-k soft targets for every train shard; a rerun computes only missing shards."""
+# -- top-k, one task per shard (what the cache-topk flow maps) -------------------------------------
+# A concurrency limit on this tag caps how many shard tasks hold a GPU at once, across every flow
+# run and worker: `prefect concurrency-limit create teacher-gpu 4` (stored as the global concurrency
+# limit `tag:teacher-gpu`). Without a limit the tag does nothing.
+GPU_TAG = "teacher-gpu"
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry what may pass (storage or network down), not a problem the user must fix."""
+    return not isinstance(state.data, DistilleryError)
+
+
+_teacher_lock = threading.Lock()
+_teacher: dict = {}  # {"key": ..., "model": ...}: the last teacher loaded in this process
+
+
+def _shard_teacher(ref: TeacherRef, root) -> Callable[[], torch.nn.Module]:
+    """A loader that keeps one teacher per process, so the shards a worker runs load it once."""
+
+    def load() -> torch.nn.Module:
+        device = resolve_device("auto")
+        key = (ref.fingerprint, root.url(), str(device))
+        with _teacher_lock:
+            if _teacher.get("key") != key:
+                _teacher.clear()  # drop the previous teacher before loading the next
+                _teacher.update(key=key, model=load_teacher(ref, root, device=device)[0])
+            return _teacher["model"]
+
+    return load
+
+
+def _release_teacher() -> None:
+    # Task functions call helpers like this one rather than touching the lock: Dask pickles a task
+    # function by value, with the module globals it names, and a lock does not pickle.
+    with _teacher_lock:
+        _teacher.clear()
+
+
+@task(name="plan-topk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def plan_topk(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig) -> list[str]:
+    """Train data shards that still need top-k work (neither committed nor recorded)."""
+    return _plan_topk(DataRef.from_dict(data), teacher, cfg, storage_of(storage))
+
+
+@task(
+    name="cache-topk-shard", task_run_name="cache-topk-{shard}", tags=[GPU_TAG], cache_policy=NO_CACHE,
+    retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_transient,
+)
+def cache_topk_shard(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig, shard: str) -> dict:
+    """The top-k shard for one train data shard, written with its commit record (not yet in the manifest)."""
     root = storage_of(storage)
-    ref = TeacherRef.from_dict(teacher)
-    device = resolve_device("auto")
-    load = lambda: load_teacher(ref, root, device=device)[0]  # noqa: E731
-    progress = progress_reporter(f"cache-topk-{ref.fingerprint}", "teacher top-k shards written")
-    return _cache_topk(load, DataRef.from_dict(data), teacher, cfg, root, progress).to_dict()
+    load = _shard_teacher(TeacherRef.from_dict(teacher), root)
+    return _cache_topk_shard(load, DataRef.from_dict(data), teacher, cfg, root, shard)
+
+
+@task(name="commit-topk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def commit_topk(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig, written: list) -> dict:
+    """Commit every recorded shard in one manifest write. ``written`` holds each shard task's entry, or
+    its exception when it failed after its retries (the flow passes them with ``allow_failure``)."""
+    _release_teacher()  # the shard tasks in this process are done: free the teacher for training
+    failed = [w for w in written if isinstance(w, BaseException)]
+    if failed:
+        # Nothing to commit for readers (they need every shard); finished shards keep their records,
+        # so the rerun computes only these.
+        raise CacheError(
+            f"{len(failed)} of {len(written)} top-k shard tasks failed after their retries; the first with "
+            f"{type(failed[0]).__name__}: {failed[0]}. Finished shards are kept; rerun the cache_topk stage "
+            "to compute the rest."
+        ) from failed[0]
+    return _commit_topk(DataRef.from_dict(data), teacher, cfg, storage_of(storage)).to_dict()

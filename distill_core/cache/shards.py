@@ -4,6 +4,9 @@ A folder holds ``part-*.parquet`` shards and ``manifest.json``. A shard is writt
 first, then committed by rewriting the manifest with its name, row count, size and sha256. Readers
 trust only the manifest, so a killed writer leaves at most an unlisted file, which the next writer
 overwrites. Once ``complete`` is set the dataset is immutable.
+
+Where many tasks write shards of one folder at once, each writes its shard plus a commit record
+(``put_shard``) and one final step commits all records in a single manifest write (``commit_recorded``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from distill_core.version import CODE_VERSION
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+RECORD_SUFFIX = ".commit.json"  # per-shard commit record, see ShardStore.put_shard
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,56 @@ class ShardStore:
         self._commit_manifest()
         return entry
 
+    # -- many writers: record each shard, commit them all in one manifest write ------------------
+    # Shard tasks that run at once (threads, Dask workers) must not rewrite the shared manifest: the
+    # last writer would drop the others' entries. Each writes its shard, then a small record
+    # ``<name>.commit.json`` holding its entry (so a record never exists without its whole shard);
+    # one final step lists the records in the manifest. Readers still trust only the manifest.
+    def put_shard(self, name: str, table: pa.Table, source: str = "") -> ShardEntry:
+        """Write shard ``name`` and its commit record without touching the manifest.
+
+        Safe to call concurrently for distinct names; :meth:`commit_recorded` lists them later."""
+        if self.complete:
+            raise CacheError(f"{self.storage.url(self.folder)} is complete and immutable; it takes no new shards.")
+        if self.committed(name):
+            raise CacheError(f"shard {name} of {self.storage.url(self.folder)} is already committed.")
+        data = table_to_parquet_bytes(table)
+        self.storage.write_bytes(self._rel(name), data)
+        entry = ShardEntry(name=name, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data), source=source)
+        self.storage.write_json(self._rel(name + RECORD_SUFFIX), entry.__dict__)
+        return entry
+
+    def recorded(self) -> set[str]:
+        """Names of shards that have a commit record (written whole, committed or not). One listing."""
+        return {n[: -len(RECORD_SUFFIX)] for n in self.storage.listdir(self.folder) if n.endswith(RECORD_SUFFIX)}
+
+    def recorded_entry(self, name: str) -> ShardEntry | None:
+        rel = self._rel(name + RECORD_SUFFIX)
+        return ShardEntry(**self.storage.read_json(rel)) if self.storage.exists(rel) else None
+
+    def commit_recorded(self) -> list[ShardEntry]:
+        """List every recorded, not yet committed shard in the manifest (one write); returns them.
+
+        Run by one writer at a time (the stage's final step). A record whose shard is missing or has
+        another size is dropped, with its record, so the shard is computed again. Records are kept
+        after the commit: a manifest that lost entries (two commits racing) heals at the next one."""
+        self._manifest = self._load_or_new()  # the stored manifest, not the one read at open
+        new = []
+        for name in sorted(self.recorded()):
+            if self.committed(name):
+                continue
+            entry = self.recorded_entry(name)
+            if entry is None:
+                continue
+            if not self.storage.exists(self._rel(name)) or self.storage.size(self._rel(name)) != entry.bytes:
+                self.storage.remove(self._rel(name + RECORD_SUFFIX))
+                continue
+            new.append(entry)
+        if new or not self.storage.exists(self._rel(MANIFEST)):
+            self._manifest["shards"] = sorted(self._manifest["shards"] + [e.__dict__ for e in new], key=lambda s: s["name"])
+            self._commit_manifest()
+        return new
+
     def finalize(self, extra: dict[str, Any] | None = None) -> None:
         """Mark the dataset complete (immutable); ``extra`` goes into the manifest's ``stats``."""
         if extra:
@@ -175,9 +229,45 @@ def read_shard(storage: Storage, folder: str, entry: ShardEntry) -> pa.Table:
     if len(data) != entry.bytes or sha256_bytes(data) != entry.sha256:
         raise CacheError(
             f"shard {storage.url(rel)} does not match its manifest checksum (truncated or edited on disk). "
-            "Delete the cache folder, or run the stage with recompute_damaged=True, to rebuild it."
+            "Run the stage that wrote it with recompute_damaged=True to recompute the damaged shards "
+            "(for a teacher cache: `distillery repair-cache CONFIG --run-id RUN_ID`); finished shards are kept."
         )
     return pq.read_table(io.BytesIO(data))
+
+
+def drop_damaged_shards(storage: Storage, folder: str) -> list[str]:
+    """Verify every shard of ``folder`` against its checksum; forget the damaged ones so they are recomputed.
+
+    A committed shard that is missing, truncated or edited is removed from the manifest (which is
+    then no longer ``complete``), together with its file and commit record; a recorded but not yet
+    committed shard whose bytes differ from its record loses both. The writer's next run computes
+    exactly those shards again. Returns the names dropped, sorted; intact shards are untouched."""
+    folder = folder.strip("/")
+    manifest = read_manifest(storage, folder)
+    store = ShardStore(storage, folder, kind=manifest["kind"], fingerprint=manifest["fingerprint"], meta=manifest["meta"])
+    damaged = [e.name for e in store.shards if not _intact(storage, f"{folder}/{e.name}", e)]
+    committed = {e.name for e in store.shards}
+    for name in sorted(store.recorded() - committed):
+        entry = store.recorded_entry(name)
+        if entry is not None and not _intact(storage, f"{folder}/{name}", entry):
+            damaged.append(name)
+    if not damaged:
+        return []
+    for name in damaged:  # records first, so a later commit cannot list a damaged shard again
+        storage.remove(f"{folder}/{name}{RECORD_SUFFIX}")
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] not in damaged]
+    manifest["complete"] = False
+    storage.write_json(f"{folder}/{MANIFEST}", manifest)
+    for name in damaged:
+        storage.remove(f"{folder}/{name}")
+    return sorted(damaged)
+
+
+def _intact(storage: Storage, rel: str, entry: ShardEntry) -> bool:
+    if not storage.exists(rel):
+        return False
+    data = storage.read_bytes(rel)
+    return len(data) == entry.bytes and sha256_bytes(data) == entry.sha256
 
 
 def _jsonable(obj: Any) -> Any:

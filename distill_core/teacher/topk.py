@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from distill_core.cache.ref import CacheRef, cache_shard_name
-from distill_core.cache.shards import SCHEMA_VERSION, list_array, read_manifest
+from distill_core.cache import stage
+from distill_core.cache.ref import CacheRef
+from distill_core.cache.shards import SCHEMA_VERSION, list_array
+from distill_core.cache.stage import ShardJob
 from distill_core.config import TopKConfig
-from distill_core.data import DataRef, id_type, read_sequences
+from distill_core.data import DataRef, id_type
 from distill_core.losses.divergence import topk_targets_from_logits
 from distill_core.storage import Storage, fingerprint
 
@@ -54,33 +56,49 @@ def teacher_topk(model, input_ids: torch.Tensor, k: int, temperature: float):
     return topk_targets_from_logits(logits, k, temperature)
 
 
+def topk_job(cfg: TopKConfig, teacher: dict, data: DataRef) -> ShardJob:
+    """The top-k stage as a ShardJob: one cache shard per train data shard, every row of it."""
+    ids_type = id_type(data.vocab_size)
+
+    def compute(model, seq_ids: np.ndarray, input_ids: np.ndarray, _data_sha256: str) -> pa.Table:
+        return _topk_table(model, seq_ids, input_ids, cfg, next(model.parameters()).device, ids_type)
+
+    return ShardJob(ref=topk_cache_ref(cfg, teacher, data), rows=None, compute=compute)
+
+
 def cache_topk(
     load_model: Callable[[], torch.nn.Module], data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage,
     progress: Progress | None = None,
 ) -> CacheRef:
     """Write top-k shards for every train shard of ``data`` not yet in the cache; returns the cache ref.
 
-    ``load_model`` is called only when some shard is missing, so a finished cache costs no teacher load."""
-    ref = topk_cache_ref(cfg, teacher, data)
-    store = ref.open(storage)
-    data_shards = read_manifest(storage, data.train)["shards"]
-    todo = [s for s in data_shards if not store.committed(cache_shard_name(s["sha256"]))]
-    if not todo:
-        return ref
-    model = load_model()
-    device = next(model.parameters()).device
-    ids_type = id_type(data.vocab_size)
-    done = len(data_shards) - len(todo)
-    todo_names = {s["name"]: s for s in todo}
-    for name, seq_ids, input_ids in read_sequences(storage, data.train):
-        if name not in todo_names:
-            continue
-        table = _topk_table(model, seq_ids, input_ids, cfg, device, ids_type)
-        store.write_shard(cache_shard_name(todo_names[name]["sha256"]), table, source=f"{data.train}/{name}")
-        done += 1
-        if progress:
-            progress(done, len(data_shards))
-    return ref
+    The whole stage in one process (:func:`plan_topk`, :func:`cache_topk_shard` per missing shard,
+    :func:`commit_topk`). ``load_model`` is called once, and only when some shard is missing, so a
+    finished cache costs no teacher load."""
+    return stage.run_all(topk_job(cfg, teacher, data), load_model, data, storage, progress)
+
+
+def plan_topk(data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage) -> list[str]:
+    """Names of the train data shards whose top-k shard is neither committed nor recorded, in data order."""
+    return stage.plan(topk_job(cfg, teacher, data), data, storage)
+
+
+def cache_topk_shard(
+    load_model: Callable[[], torch.nn.Module], data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage,
+    shard: str,
+) -> dict:
+    """Compute and record the top-k shard for the train data shard named ``shard``; returns its entry.
+
+    Writes the shard and its commit record but not the manifest, so many processes may compute
+    shards of one cache at once; :func:`commit_topk` lists them. Loads no teacher when the shard is
+    already committed or recorded, so a retried task is cheap."""
+    return stage.run_shard(topk_job(cfg, teacher, data), load_model, data, storage, shard)
+
+
+def commit_topk(data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage) -> CacheRef:
+    """List every recorded top-k shard in the manifest in one write; returns the cache ref. Raises
+    CacheError, after committing what is there, when some train shard still lacks its top-k shard."""
+    return stage.commit(topk_job(cfg, teacher, data), data, storage)
 
 
 def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConfig, device, ids_type) -> pa.Table:

@@ -1,0 +1,168 @@
+"""The per-run report: metrics of teacher, student and baseline, storage sizes, timings, loss curves.
+
+:func:`gather` reads what a run left under the storage root (its run record and the manifests it
+points at); :func:`markdown_report` turns that plus per-stage timings into Markdown. Both are plain
+Python: the Prefect task in ``tasks/report.py`` publishes the Markdown as an artifact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill_core.cache.shards import read_manifest
+from distill_core.run_record import RunRecord
+from distill_core.storage import Storage
+
+METRIC_COLUMNS = ["val_ppl", "top1_agreement", "kl_to_teacher", "params", "cpu_tokens_per_s"]
+
+
+@dataclass(frozen=True)
+class StoreSize:
+    """The committed size of one sharded dataset (data split or teacher cache)."""
+
+    label: str
+    folder: str
+    rows: int
+    bytes: int
+    tokens: int | None  # token positions stored (None when rows are not token sequences)
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        return self.bytes / self.tokens if self.tokens else None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Everything the report shows that lives in files (timings come from the orchestrator)."""
+
+    run_id: str
+    teacher: str
+    data_fingerprint: str
+    metrics: dict[str, dict[str, Any]]
+    registered: dict[str, Any] | None
+    sizes: list[StoreSize]
+    loss_curves: dict[str, str]  # model name -> URL (or absolute local path) of its loss_curve.png
+    train_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def store_size(storage: Storage, label: str, folder: str, tokens_per_row: int | None) -> StoreSize:
+    shards = read_manifest(storage, folder)["shards"]
+    rows = sum(s["rows"] for s in shards)
+    return StoreSize(label, folder, rows, sum(s["bytes"] for s in shards),
+                     rows * tokens_per_row if tokens_per_row else None)
+
+
+def gather(storage: Storage, run_id: str) -> RunSummary:
+    """Read a run's record and the manifests it points at; stages that have not finished are left out."""
+    record = RunRecord(storage, run_id)
+    stage = lambda name: record.read_stage(name) if record.has_stage(name) else None  # noqa: E731
+    teacher, data = stage("teacher") or {}, stage("prepare_data")
+    sizes = []
+    if data:
+        seq_len = data["seq_len"]
+        sizes += [store_size(storage, f"data ({split})", f"{data['folder']}/{split}", seq_len)
+                  for split in ("train", "validation")]
+    for name in sorted(storage.listdir(f"{record.folder}/stages")):
+        out = stage(name.removesuffix(".json"))
+        if isinstance(out, dict) and {"kind", "folder", "meta"} <= set(out) and storage.exists(f"{out['folder']}/manifest.json"):
+            # top-k targets exist for the T-1 positions that have a next token
+            per_row = out["meta"]["seq_len"] - 1 if out["kind"] == "topk" and "seq_len" in out["meta"] else None
+            sizes.append(store_size(storage, f"{out['kind']} cache", out["folder"], per_row))
+    trained = stage("train_student") or {}
+    curves, seconds = {}, {}
+    for name, result in trained.items():
+        curve = f"{result['model_folder'].rsplit('/', 1)[0]}/loss_curve.png"
+        if storage.exists(curve):
+            curves[name] = storage.url(curve)
+        if isinstance(result.get("seconds"), (int, float)):
+            seconds[name] = float(result["seconds"])
+    return RunSummary(
+        run_id=run_id, teacher=str(teacher.get("source", "")), data_fingerprint=str((data or {}).get("fingerprint", "")),
+        metrics=stage("evaluate") or {}, registered=stage("register"), sizes=sizes, loss_curves=curves,
+        train_seconds=seconds,
+    )
+
+
+def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | None = None) -> str:
+    """Markdown for one run. ``timings`` maps a stage to {"seconds": float, "state": str}."""
+    s = summary
+    lines = [f"# Distillation run `{s.run_id}`", ""]
+    reg = s.registered
+    if reg:
+        champion = " — the new **champion**" if reg.get("champion") else ""
+        lines.append(f"Registered **{reg['name']} v{reg['version']}**{champion} at `{reg['url']}`.")
+    else:
+        lines.append("Not registered (the register stage has not finished).")
+    lines += ["", f"Teacher `{s.teacher or '?'}`, data `{s.data_fingerprint or '?'}`.", ""]
+
+    lines += ["## Teacher vs student vs baseline", ""]
+    if s.metrics:
+        cols = [c for c in METRIC_COLUMNS if any(c in m for m in s.metrics.values())]
+        lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name in _model_order(s.metrics):
+            lines.append(f"| {name} | " + " | ".join(_fmt(s.metrics[name].get(c)) for c in cols) + " |")
+        lines += ["", *_comparisons(s.metrics)]
+    else:
+        lines.append("No metrics yet (the evaluate stage has not finished).")
+    lines.append("")
+
+    lines += ["## Storage", "", "| artifact | rows | tokens | bytes | bytes/token | folder |", "|---|---|---|---|---|---|"]
+    for size in s.sizes:
+        lines.append(f"| {size.label} | {_fmt(size.rows)} | {_fmt(size.tokens)} | {_fmt(size.bytes)} | "
+                     f"{_fmt(size.bytes_per_token)} | `{size.folder}` |")
+    lines.append("")
+
+    lines += ["## Timings", "", "| stage | seconds | state |", "|---|---|---|"]
+    for stage, t in (timings or {}).items():
+        lines.append(f"| {stage} | {_fmt(t.get('seconds'))} | {t.get('state', '')} |")
+    for name, sec in s.train_seconds.items():
+        lines.append(f"| training loop ({name}) | {_fmt(sec)} | |")
+    lines.append("")
+
+    lines += ["## Loss curves", ""]
+    lines += [f"- {name}: [loss_curve.png]({_link(url)}) (`{url}`)" for name, url in s.loss_curves.items()]
+    if not s.loss_curves:
+        lines.append("No loss curve yet (the train_student stage has not finished).")
+    return "\n".join(lines) + "\n"
+
+
+def _model_order(metrics: dict) -> list[str]:
+    first = [m for m in ("teacher", "student", "baseline") if m in metrics]
+    return first + sorted(set(metrics) - set(first))
+
+
+def _comparisons(metrics: dict) -> list[str]:
+    ppl = {name: m.get("val_ppl") for name, m in metrics.items() if _number(m.get("val_ppl"))}
+    out = []
+    if "student" in ppl and "teacher" in ppl:
+        out.append(f"- student perplexity is {ppl['student'] / ppl['teacher']:.2f}× the teacher's.")
+    if "student" in ppl and "baseline" in ppl:
+        delta = 100 * (ppl["student"] - ppl["baseline"]) / ppl["baseline"]
+        out.append(f"- student perplexity is {delta:+.1f}% against the CE-only baseline "
+                   f"({'distillation helps' if delta < 0 else 'distillation does not help yet'}).")
+    params = {name: m.get("params") for name, m in metrics.items() if _number(m.get("params"))}
+    if "student" in params and "teacher" in params:
+        out.append(f"- student has {params['student'] / params['teacher']:.1%} of the teacher's parameters.")
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def _link(url: str) -> str:
+    return f"file://{url}" if url.startswith("/") else url

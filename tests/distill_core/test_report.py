@@ -1,0 +1,62 @@
+import numpy as np
+import pyarrow as pa
+
+from distill_core.cache.shards import ShardStore, list_array
+from distill_core.report import RunSummary, StoreSize, gather, markdown_report
+from distill_core.run_record import RunRecord
+from distill_core.storage import Storage
+
+METRICS = {
+    "teacher": {"val_ppl": 10.0, "top1_agreement": 1.0, "params": 1000},
+    "student": {"val_ppl": 20.0, "top1_agreement": 0.5, "kl_to_teacher": 0.25, "params": 250},
+    "baseline": {"val_ppl": 25.0, "top1_agreement": 0.4, "params": 250},
+}
+
+
+def test_markdown_report_compares_models_and_shows_sizes_timings_and_curves():
+    summary = RunSummary(
+        run_id="night-7", teacher="path:gpt2-xl", data_fingerprint="abc", metrics=METRICS,
+        registered={"name": "tiny", "version": 3, "url": "/root/registry/tiny/3", "champion": True},
+        sizes=[StoreSize("topk cache", "caches/topk/f", rows=10, bytes=4000, tokens=100)],
+        loss_curves={"student": "/root/students/f/student/loss_curve.png", "baseline": "s3://b/students/f/baseline/loss_curve.png"},
+        train_seconds={"student": 12.5},
+    )
+    md = markdown_report(summary, {"prepare-data": {"seconds": 1.5, "state": "Completed"}})
+    assert "Registered **tiny v3** — the new **champion**" in md
+    assert "| student | 20 | 0.5 | 0.25 | 250 |" in md
+    assert "2.00× the teacher's" in md and "-20.0% against the CE-only baseline (distillation helps)" in md
+    assert "25.0% of the teacher's parameters" in md
+    assert "| topk cache | 10 | 100 | 4,000 | 40 | `caches/topk/f` |" in md
+    assert "| prepare-data | 1.5 | Completed |" in md and "| training loop (student) | 12.5 | |" in md
+    assert "[loss_curve.png](file:///root/students/f/student/loss_curve.png)" in md
+    assert "[loss_curve.png](s3://b/students/f/baseline/loss_curve.png)" in md
+
+
+def test_unfinished_run_says_what_is_missing():
+    md = markdown_report(RunSummary("r", "", "", {}, None, [], {}))
+    assert "Not registered" in md and "No metrics yet" in md and "No loss curve yet" in md
+
+
+def test_gather_reads_the_run_record_and_manifests(tmp_path):
+    storage = Storage(str(tmp_path))
+    rows = lambda n: pa.table({"seq_id": pa.array(np.arange(n), pa.int64()),  # noqa: E731
+                               "input_ids": list_array(np.zeros((n, 8), np.uint16), pa.uint16())})
+    for split, n in (("train", 6), ("validation", 2)):
+        ShardStore(storage, f"data/d/{split}", "data", "d", {}).write_shard("part-0.parquet", rows(n))
+    cache = {"kind": "topk", "folder": "caches/topk/c", "fingerprint": "c", "meta": {"seq_len": 8, "k": 4}}
+    ShardStore(storage, cache["folder"], "topk", "c", cache["meta"]).write_shard("part-a.parquet", rows(6))
+    storage.write_bytes("students/s/student/loss_curve.png", b"png")
+    record = RunRecord(storage, "night-1")
+    record.write_stage("teacher", {"source": "path:tiny", "fingerprint": "t"})
+    record.write_stage("prepare_data", {"folder": "data/d", "fingerprint": "d", "seq_len": 8})
+    record.write_stage("cache_topk", cache)
+    record.write_stage("train_student", {"student": {"model_folder": "students/s/student/model", "seconds": 3.0}})
+    record.write_stage("evaluate", METRICS)
+
+    summary = gather(storage, "night-1")
+    sizes = {s.label: s for s in summary.sizes}
+    assert set(sizes) == {"data (train)", "data (validation)", "topk cache"}
+    assert sizes["data (train)"].tokens == 48 and sizes["topk cache"].tokens == 6 * 7  # T-1 positions per row
+    assert sizes["topk cache"].bytes_per_token == sizes["topk cache"].bytes / 42
+    assert summary.loss_curves == {"student": storage.url("students/s/student/loss_curve.png")}
+    assert summary.metrics == METRICS and summary.registered is None and summary.train_seconds == {"student": 3.0}
