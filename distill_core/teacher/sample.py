@@ -211,8 +211,10 @@ class _StaticPlan:
 
         self.rows, self.cache_len = rows, cache_len
         kept = self._per_model.setdefault(model, {})
-        if kept.get("shape") != (rows, cache_len):
-            kept["shape"], kept["cache"] = (rows, cache_len), StaticCache(config=model.config, max_cache_len=cache_len)
+        weight = next(model.parameters())
+        shape = (rows, cache_len, weight.dtype, weight.device)
+        if kept.get("shape") != shape:
+            kept["shape"], kept["cache"] = shape, StaticCache(config=model.config, max_cache_len=cache_len)
         self.cache = kept["cache"]
         self.step = model
         if compile:
