@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", help="YAML run config (see deployments/)")
     run.add_argument("--run-id", default=None)
     stage = sub.add_parser("stage", help="run one stage on an existing run id")
-    stage.add_argument("name", choices=["prepare_data", "cache_topk", "train_student", "evaluate", "register"])
+    stage.add_argument("name", choices=["prepare_data", "cache_topk", "cache_samples", "cache_beams", "train_student", "evaluate", "register"])
     stage.add_argument("config")
     stage.add_argument("--run-id", required=True)
     repair = sub.add_parser("repair-cache", help="recompute the damaged data and top-k cache shards of a run")

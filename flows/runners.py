@@ -19,7 +19,7 @@ from distill_core.storage import Storage, fingerprint
 
 # Stage flows that map per-shard tasks; the others call their tasks one after another, and starting
 # a cluster for them would cost time for nothing.
-SHARDED_STAGES = {"cache-topk"}
+SHARDED_STAGES = {"cache-topk", "cache-samples", "cache-beams"}
 RESULTS_FOLDER = "prefect-results"
 CREDENTIAL_OPTIONS = {"key", "secret", "token", "username", "password"}  # s3fs names; never saved in a block
 

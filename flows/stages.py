@@ -13,7 +13,7 @@ from tasks.evaluate import evaluate
 from tasks.record import read_caches, read_stage, record_stage, start_run
 from tasks.registry import register_student
 from tasks.repair import repair_damaged
-from tasks.teacher import cache_topk_shard, commit_topk, plan_topk, preflight, resolve_teacher
+from tasks.teacher import cache_shard, commit_cache, plan_cache, preflight, resolve_teacher
 from tasks.train import train_student
 
 
@@ -30,25 +30,46 @@ def prepare_data_flow(config: RunConfig, run_id: str) -> dict:
     return data
 
 
-# One shard at a time unless the caller picks a runner (flows.runners.configured: threads, Dask, Ray).
+def _cache_stage(kind: str, config: RunConfig, run_id: str) -> dict:
+    """One task per train shard still missing from the ``kind`` cache, then one commit of them all."""
+    teacher = read_stage(config, run_id, "teacher")
+    data = read_stage(config, run_id, "prepare_data")
+    cfg = getattr(config, kind)
+    todo = plan_cache(kind, teacher, data, cfg, config.storage)
+    written = cache_shard.map(
+        kind=unmapped(kind), teacher=unmapped(teacher), data=unmapped(data), cfg=unmapped(cfg),
+        storage=unmapped(config.storage), shard=todo,
+    )
+    cache = commit_cache(kind, teacher, data, cfg, config.storage, written=[allow_failure(w) for w in written])
+    record_stage(config, run_id, f"cache_{kind}", cache)
+    return cache
+
+
+# Teacher stages run one shard at a time unless the caller picks a runner (flows.runners.configured:
+# threads, Dask, Ray).
 @flow(name="cache-topk", flow_run_name=run_name("cache-topk"), task_runner=ThreadPoolTaskRunner(max_workers=1))
 @holds_run_lock
 def cache_topk_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
-    """The teacher's top-k soft targets: one task per missing train shard, then one commit of them all.
+    """Soft targets: the teacher's top-k log-probabilities (and tail mass) at every train position.
 
     recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
-    teacher = read_stage(config, run_id, "teacher")
-    data = read_stage(config, run_id, "prepare_data")
     if recompute_damaged:
-        repair_damaged(config, teacher, data)
-    todo = plan_topk(teacher, data, config.topk, config.storage)
-    written = cache_topk_shard.map(
-        teacher=unmapped(teacher), data=unmapped(data), cfg=unmapped(config.topk), storage=unmapped(config.storage),
-        shard=todo,
-    )
-    cache = commit_topk(teacher, data, config.topk, config.storage, written=[allow_failure(w) for w in written])
-    record_stage(config, run_id, "cache_topk", cache)
-    return cache
+        repair_damaged(config, read_stage(config, run_id, "teacher"), read_stage(config, run_id, "prepare_data"))
+    return _cache_stage("topk", config, run_id)
+
+
+@flow(name="cache-samples", flow_run_name=run_name("cache-samples"), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@holds_run_lock
+def cache_samples_flow(config: RunConfig, run_id: str) -> dict:
+    """Sequence-level KD: the teacher's sampled continuations of train prompts (+ optional soft targets)."""
+    return _cache_stage("samples", config, run_id)
+
+
+@flow(name="cache-beams", flow_run_name=run_name("cache-beams"), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@holds_run_lock
+def cache_beams_flow(config: RunConfig, run_id: str) -> dict:
+    """Distilled beam search: all of the teacher's beam candidates per train prompt, with scores."""
+    return _cache_stage("beams", config, run_id)
 
 
 @flow(name="train-student", flow_run_name=run_name("train-student"))
@@ -70,12 +91,17 @@ def train_flow(config: RunConfig, run_id: str) -> dict:
 @flow(name="evaluate", flow_run_name=run_name("evaluate"))
 @holds_run_lock
 def evaluate_flow(config: RunConfig, run_id: str) -> dict:
-    """Held-out metrics of teacher, student and baseline."""
+    """Held-out metrics of teacher, student and baseline (+ sample and beam-selection metrics when
+    a student trains on those caches, or when asked for)."""
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
     trained = read_stage(config, run_id, "train_student")
     folders = {name: result["model_folder"] for name, result in trained.items()}
-    metrics = evaluate(teacher, folders, data, config.eval, config.storage, config.registry.name)
+    metrics = evaluate(
+        teacher, folders, data, config.eval, config.storage, config.registry.name,
+        generation=config.eval.wants("generation", config.train), selection=config.eval.wants("selection", config.train),
+        beams=config.beams,
+    )
     record_stage(config, run_id, "evaluate", metrics)
     return metrics
 
@@ -97,6 +123,8 @@ def register_flow(config: RunConfig, run_id: str) -> dict:
 STAGES = {
     "prepare_data": prepare_data_flow,
     "cache_topk": cache_topk_flow,
+    "cache_samples": cache_samples_flow,
+    "cache_beams": cache_beams_flow,
     "train_student": train_flow,
     "evaluate": evaluate_flow,
     "register": register_flow,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from distill_core.config import EvalConfig, StorageConfig
+from distill_core.config import BeamsConfig, EvalConfig, StorageConfig
 from distill_core.data import DataRef
 from distill_core.evaluate import evaluate_students
 from distill_core.teacher.load import TeacherRef
@@ -15,11 +15,17 @@ from tasks.common import CONTENT, artifact_key, storage_of
 
 @task(name="evaluate", cache_policy=CONTENT, persist_result=True, retries=1)
 def evaluate(
-    teacher: dict, students: dict[str, str], data: dict, cfg: EvalConfig, storage: StorageConfig, model_name: str
+    teacher: dict, students: dict[str, str], data: dict, cfg: EvalConfig, storage: StorageConfig, model_name: str,
+    generation: bool = False, selection: bool = False, beams: BeamsConfig | None = None,
 ) -> dict:
-    """{model name: metrics}; ``students`` maps names to model folders under the storage root."""
+    """{model name: metrics}; ``students`` maps names to model folders under the storage root.
+
+    ``generation`` / ``selection`` add the sample and beam-ranking metrics (see evaluate_students)."""
     metrics = evaluate_students(TeacherRef.from_dict(teacher), students, storage_of(storage), DataRef.from_dict(data),
-                                cfg, resolve_device("auto"))
-    rows = [{"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}} for name, m in metrics.items()]
+                                cfg, resolve_device("auto"), generation=generation, selection=selection, beams=beams)
+    rows = [
+        {"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if not isinstance(v, list)}}
+        for name, m in metrics.items()
+    ]
     create_table_artifact(rows, key=artifact_key("metrics", model_name), description="teacher vs students")
     return metrics

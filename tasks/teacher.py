@@ -9,14 +9,13 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from distill_core.config import RunConfig, StorageConfig, TeacherConfig, TopKConfig
+from distill_core.cache import stage
+from distill_core.config import BeamsConfig, RunConfig, SamplesConfig, StorageConfig, TeacherConfig, TopKConfig
 from distill_core.data import DataRef
 from distill_core.errors import CacheError, DistilleryError
 from distill_core.preflight import check_run
 from distill_core.teacher.load import TeacherRef, load_teacher, resolve_teacher as _resolve
-from distill_core.teacher.topk import cache_topk_shard as _cache_topk_shard
-from distill_core.teacher.topk import commit_topk as _commit_topk
-from distill_core.teacher.topk import plan_topk as _plan_topk
+from distill_core.teacher.jobs import job_for
 from distill_core.train import resolve_device
 from tasks.common import CONTENT, storage_of
 
@@ -33,7 +32,9 @@ def preflight(config: RunConfig, teacher: dict) -> None:
     check_run(config, TeacherRef.from_dict(teacher))
 
 
-# -- top-k, one task per shard (what the cache-topk flow maps) -------------------------------------
+# -- teacher caches (top-k, samples, beams), one task per shard: what the cache flows map ----------
+StageConfig = TopKConfig | SamplesConfig | BeamsConfig
+
 # A concurrency limit on this tag caps how many shard tasks hold a GPU at once, across every flow
 # run and worker: `prefect concurrency-limit create teacher-gpu 4` (stored as the global concurrency
 # limit `tag:teacher-gpu`). Without a limit the tag does nothing.
@@ -71,25 +72,28 @@ def _release_teacher() -> None:
         _teacher.clear()
 
 
-@task(name="plan-topk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def plan_topk(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig) -> list[str]:
-    """Train data shards that still need top-k work (neither committed nor recorded)."""
-    return _plan_topk(DataRef.from_dict(data), teacher, cfg, storage_of(storage))
+@task(name="plan-cache", task_run_name="plan-{kind}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_transient)
+def plan_cache(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage: StorageConfig) -> list[str]:
+    """Train data shards that still need this cache's teacher work (neither committed nor recorded)."""
+    return stage.plan(job_for(kind, cfg, teacher, DataRef.from_dict(data)), DataRef.from_dict(data), storage_of(storage))
 
 
 @task(
-    name="cache-topk-shard", task_run_name="cache-topk-{shard}", tags=[GPU_TAG], cache_policy=NO_CACHE,
+    name="cache-shard", task_run_name="cache-{kind}-{shard}", tags=[GPU_TAG], cache_policy=NO_CACHE,
     retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_transient,
 )
-def cache_topk_shard(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig, shard: str) -> dict:
-    """The top-k shard for one train data shard, written with its commit record (not yet in the manifest)."""
+def cache_shard(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage: StorageConfig, shard: str) -> dict:
+    """One cache shard for one train data shard, written with its commit record (not yet in the manifest)."""
     root = storage_of(storage)
     load = _shard_teacher(TeacherRef.from_dict(teacher), root)
-    return _cache_topk_shard(load, DataRef.from_dict(data), teacher, cfg, root, shard)
+    data_ref = DataRef.from_dict(data)
+    return stage.run_shard(job_for(kind, cfg, teacher, data_ref), load, data_ref, root, shard)
 
 
-@task(name="commit-topk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def commit_topk(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig, written: list) -> dict:
+@task(name="commit-cache", task_run_name="commit-{kind}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_transient)
+def commit_cache(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage: StorageConfig, written: list) -> dict:
     """Commit every recorded shard in one manifest write. ``written`` holds each shard task's entry, or
     its exception when it failed after its retries (the flow passes them with ``allow_failure``)."""
     _release_teacher()  # the shard tasks in this process are done: free the teacher for training
@@ -98,8 +102,9 @@ def commit_topk(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConf
         # Nothing to commit for readers (they need every shard); finished shards keep their records,
         # so the rerun computes only these.
         raise CacheError(
-            f"{len(failed)} of {len(written)} top-k shard tasks failed after their retries; the first with "
-            f"{type(failed[0]).__name__}: {failed[0]}. Finished shards are kept; rerun the cache_topk stage "
+            f"{len(failed)} of {len(written)} {kind} shard tasks failed after their retries; the first with "
+            f"{type(failed[0]).__name__}: {failed[0]}. Finished shards are kept; rerun the cache_{kind} stage "
             "to compute the rest."
         ) from failed[0]
-    return _commit_topk(DataRef.from_dict(data), teacher, cfg, storage_of(storage)).to_dict()
+    data_ref = DataRef.from_dict(data)
+    return stage.commit(job_for(kind, cfg, teacher, data_ref), data_ref, storage_of(storage)).to_dict()

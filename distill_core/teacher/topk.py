@@ -72,33 +72,9 @@ def cache_topk(
 ) -> CacheRef:
     """Write top-k shards for every train shard of ``data`` not yet in the cache; returns the cache ref.
 
-    The whole stage in one process (:func:`plan_topk`, :func:`cache_topk_shard` per missing shard,
-    :func:`commit_topk`). ``load_model`` is called once, and only when some shard is missing, so a
-    finished cache costs no teacher load."""
+    The whole stage in one process (see :mod:`distill_core.cache.stage`); ``load_model`` is called
+    once, and only when some shard is missing, so a finished cache costs no teacher load."""
     return stage.run_all(topk_job(cfg, teacher, data), load_model, data, storage, progress)
-
-
-def plan_topk(data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage) -> list[str]:
-    """Names of the train data shards whose top-k shard is neither committed nor recorded, in data order."""
-    return stage.plan(topk_job(cfg, teacher, data), data, storage)
-
-
-def cache_topk_shard(
-    load_model: Callable[[], torch.nn.Module], data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage,
-    shard: str,
-) -> dict:
-    """Compute and record the top-k shard for the train data shard named ``shard``; returns its entry.
-
-    Writes the shard and its commit record but not the manifest, so many processes may compute
-    shards of one cache at once; :func:`commit_topk` lists them. Loads no teacher when the shard is
-    already committed or recorded, so a retried task is cheap."""
-    return stage.run_shard(topk_job(cfg, teacher, data), load_model, data, storage, shard)
-
-
-def commit_topk(data: DataRef, teacher: dict, cfg: TopKConfig, storage: Storage) -> CacheRef:
-    """List every recorded top-k shard in the manifest in one write; returns the cache ref. Raises
-    CacheError, after committing what is there, when some train shard still lacks its top-k shard."""
-    return stage.commit(topk_job(cfg, teacher, data), data, storage)
 
 
 def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConfig, device, ids_type) -> pa.Table:

@@ -6,7 +6,7 @@ from distill_core.config import RunConfig, RunnerConfig, StorageConfig, parse_co
 from distill_core.errors import ConfigError
 from flows.runners import configured, result_storage, task_runner
 from flows.stages import cache_topk_flow, train_flow
-from tasks.teacher import GPU_TAG, cache_topk_shard
+from tasks.teacher import GPU_TAG, cache_shard
 
 
 def test_runner_kinds():
@@ -51,7 +51,7 @@ def test_remote_root_saves_a_result_storage_block_without_credentials(s3_server)
 
 
 def test_shard_tasks_carry_the_gpu_concurrency_tag():
-    assert GPU_TAG in cache_topk_shard.tags
+    assert GPU_TAG in cache_shard.tags
 
 
 def test_flows_and_tasks_pickle_for_distributed_runners():
@@ -61,7 +61,7 @@ def test_flows_and_tasks_pickle_for_distributed_runners():
 
     from flows.nightly import nightly
     from flows.stages import STAGES
-    from tasks.teacher import commit_topk, plan_topk
+    from tasks.teacher import commit_cache, plan_cache
 
-    for obj in [nightly, *STAGES.values(), cache_topk_shard, plan_topk, commit_topk]:
+    for obj in [nightly, *STAGES.values(), cache_shard, plan_cache, commit_cache]:
         cloudpickle.dumps(obj)

@@ -77,7 +77,7 @@ def test_s3_outage_mid_shard_fails_the_stage_and_the_rerun_completes_only_missin
     )
     storage = Storage(config.storage.root, config.storage.options)
     prepare_data_flow(config, "outage")
-    for t in (tasks.teacher.plan_topk, tasks.teacher.cache_topk_shard, tasks.teacher.commit_topk):
+    for t in (tasks.teacher.plan_cache, tasks.teacher.cache_shard, tasks.teacher.commit_cache):
         monkeypatch.setattr(t, "retry_delay_seconds", [0.1])
 
     computed, outage = [], []
