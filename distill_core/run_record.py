@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import socket
@@ -107,8 +108,17 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.release()
+        except Exception as release_error:
+            if exc is None:
+                raise
+            # The run's own error is the one to report (e.g. storage went away mid-stage); the lock
+            # file stays, and the next run's message names it and how to clear it.
+            logging.getLogger(__name__).warning(
+                "could not release %s after run %s failed (%s); delete it before rerunning", self.url, self.run_id, release_error
+            )
 
     def _try_create(self) -> bool:
         data = json.dumps(self.holder, sort_keys=True).encode()
