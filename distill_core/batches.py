@@ -160,28 +160,22 @@ def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: i
 
 def samples_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int) -> RowStream:
     """Rows of teacher samples: prompt_ids, completion_ids (+ soft top-k over the completion)."""
-    names = shards_for(cache, storage, data.train, rows=cache.meta["num_prompts"])
-    store = cache.open(storage)
-    soft_k = cache.meta["soft_topk"]
-
-    def loader(name: str) -> ShardLoader:
-        return lambda: read_samples_table(store.read_shard(name), soft_k)
-
-    sizes = {e.name: e.rows for e in store.shards}
-    return RowStream([loader(n) for n in names], [sizes[n] for n in names], seed)
+    return _prompted_stream(storage, data, cache, seed, lambda t: read_samples_table(t, cache.meta["soft_topk"]))
 
 
 def beams_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int) -> RowStream:
     """Rows of prompts, each with all N teacher beam candidates (best first) and their scores."""
+    n = cache.meta["num_beams"]
+    return _prompted_stream(storage, data, cache, seed, lambda t: read_beams_table(t, n), table_rows_per_row=n)
+
+
+def _prompted_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int, read, table_rows_per_row: int = 1) -> RowStream:
+    """A stream over the cache shards that cover the cache's prompts; ``read`` turns a shard into rows."""
     names = shards_for(cache, storage, data.train, rows=cache.meta["num_prompts"])
     store = cache.open(storage)
-    n = cache.meta["num_beams"]
-
-    def loader(name: str) -> ShardLoader:
-        return lambda: read_beams_table(store.read_shard(name), n)
-
-    sizes = {e.name: e.rows // n for e in store.shards}
-    return RowStream([loader(name) for name in names], [sizes[name] for name in names], seed)
+    sizes = {e.name: e.rows // table_rows_per_row for e in store.shards}
+    loaders = [lambda name=name: read(store.read_shard(name)) for name in names]
+    return RowStream(loaders, [sizes[name] for name in names], seed)
 
 
 def collate_data(rows: list[dict[str, np.ndarray]]) -> Batch:

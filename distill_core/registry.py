@@ -428,21 +428,7 @@ class _Lock:
         self.storage.remove(self.rel)
 
     def _try_create(self, holder: bytes) -> bool:
-        path = self.storage.local_path(self.rel)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(holder)
-            return True
-        try:
-            self.storage.write_new(self.rel, holder)
-        except FileExistsError:
-            return False
-        return True
+        return self.storage.create_exclusive(self.rel, holder)
 
     def _holder(self) -> str:
         try:

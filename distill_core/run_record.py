@@ -121,22 +121,7 @@ class RunLock:
             )
 
     def _try_create(self) -> bool:
-        data = json.dumps(self.holder, sort_keys=True).encode()
-        path = self.storage.local_path(self.rel)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        try:
-            self.storage.write_new(self.rel, data)
-        except FileExistsError:
-            return False
-        return True
+        return self.storage.create_exclusive(self.rel, json.dumps(self.holder, sort_keys=True).encode())
 
 
 def _stale(holder: dict[str, Any]) -> bool:

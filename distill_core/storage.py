@@ -87,6 +87,27 @@ class Storage:
             raise FileExistsError(f"{self.url(rel)} already exists and is immutable; choose a new name.")
         self.write_bytes(rel, data)
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` unless it exists; True when this call created it (locks).
+
+        Local roots use ``O_CREAT | O_EXCL`` (atomic). Object stores check, then PUT: two creators
+        within the same few milliseconds can both succeed there."""
+        path = self.local_path(rel)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            self.write_new(rel, data)
+        except FileExistsError:
+            return False
+        return True
+
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
         path = self._path(rel)

@@ -28,6 +28,26 @@ class CacheRef:
         return ShardStore(storage, self.folder, kind=self.kind, fingerprint=self.fingerprint, meta=self.meta)
 
 
+def teacher_cache_ref(kind: str, settings: dict, teacher: dict, data: DataRef) -> CacheRef:
+    """The content address of a teacher cache: its kind and stage settings, the teacher, tokenizer,
+    sequence length and schema. The data fingerprint is not part of it: shards are keyed by their
+    input shard, so a grown dataset reuses the shards it already has."""
+    from distill_core.cache.shards import SCHEMA_VERSION
+    from distill_core.storage import fingerprint
+
+    meta = {
+        "teacher": teacher["source"],
+        "teacher_fingerprint": teacher["fingerprint"],
+        "tokenizer_hash": data.tokenizer_hash,
+        "seq_len": data.seq_len,
+        "vocab_size": data.vocab_size,
+        "schema_version": SCHEMA_VERSION,
+        **settings,
+    }
+    fp = fingerprint({"kind": kind, **meta})
+    return CacheRef(kind=kind, folder=f"caches/{kind}/{fp}", fingerprint=fp, meta=meta)
+
+
 def cache_shard_name(data_shard_sha256: str) -> str:
     """Cache shards are named by the content of the data shard they were computed from, so a grown
     dataset reuses every shard whose input did not change."""

@@ -119,15 +119,19 @@ class ShardStore:
         return any(s["name"] == name for s in self._manifest["shards"])
 
     # -- writing ------------------------------------------------------------------------------
-    def write_shard(self, name: str, table: pa.Table, source: str = "") -> ShardEntry:
-        """Write ``table`` as shard ``name`` and commit it in the manifest."""
+    def _write(self, name: str, table: pa.Table, source: str) -> ShardEntry:
+        """Write the shard file (atomically); committing it is the caller's next step."""
         if self.complete:
             raise CacheError(f"{self.storage.url(self.folder)} is complete and immutable; it takes no new shards.")
         if self.committed(name):
             raise CacheError(f"shard {name} of {self.storage.url(self.folder)} is already committed.")
         data = table_to_parquet_bytes(table)
         self.storage.write_bytes(self._rel(name), data)
-        entry = ShardEntry(name=name, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data), source=source)
+        return ShardEntry(name=name, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data), source=source)
+
+    def write_shard(self, name: str, table: pa.Table, source: str = "") -> ShardEntry:
+        """Write ``table`` as shard ``name`` and commit it in the manifest."""
+        entry = self._write(name, table, source)
         self._manifest["shards"].append(entry.__dict__)
         self._manifest["shards"].sort(key=lambda s: s["name"])
         self._commit_manifest()
@@ -142,13 +146,7 @@ class ShardStore:
         """Write shard ``name`` and its commit record without touching the manifest.
 
         Safe to call concurrently for distinct names; :meth:`commit_recorded` lists them later."""
-        if self.complete:
-            raise CacheError(f"{self.storage.url(self.folder)} is complete and immutable; it takes no new shards.")
-        if self.committed(name):
-            raise CacheError(f"shard {name} of {self.storage.url(self.folder)} is already committed.")
-        data = table_to_parquet_bytes(table)
-        self.storage.write_bytes(self._rel(name), data)
-        entry = ShardEntry(name=name, rows=table.num_rows, bytes=len(data), sha256=sha256_bytes(data), source=source)
+        entry = self._write(name, table, source)
         self.storage.write_json(self._rel(name + RECORD_SUFFIX), entry.__dict__)
         return entry
 

@@ -10,44 +10,26 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from distill_core.cache.ref import CacheRef
-from distill_core.cache.shards import SCHEMA_VERSION
 from distill_core.cache.stage import ShardJob, shard_seed
 from distill_core.config import SamplesConfig
-from distill_core.data import DataRef, id_type
-from distill_core.errors import ConfigError
-from distill_core.storage import fingerprint
+from distill_core.data import DataRef
+from distill_core.teacher.prompted import prompted_cache, prompts_of
 from distill_core.teacher.sample import sample
 
 
 def samples_job(cfg: SamplesConfig, teacher: dict, data: DataRef) -> ShardJob:
     """The samples stage: content-addressed by the sampling settings, teacher, tokenizer and prompt shape."""
-    if cfg.prompt_len >= data.seq_len:
-        raise ConfigError(f"samples.prompt_len {cfg.prompt_len} must be below data.seq_len {data.seq_len}: prompts are cut from train sequences.")
-    meta = {
-        "teacher": teacher["source"],
-        "teacher_fingerprint": teacher["fingerprint"],
-        "tokenizer_hash": data.tokenizer_hash,
-        "seq_len": data.seq_len,
-        "vocab_size": data.vocab_size,
-        "schema_version": SCHEMA_VERSION,
-        **cfg.model_dump(exclude={"batch_size"}),
-    }
-    fp = fingerprint({"kind": "samples", **meta})
-    ref = CacheRef(kind="samples", folder=f"caches/samples/{fp}", fingerprint=fp, meta=meta)
-    ids_type = id_type(data.vocab_size)
-    eos = teacher.get("eos_token_id")
-    pad = eos if eos is not None else 0
+    p = prompted_cache("samples", cfg, teacher, data)
+    ids_type, ids_np = p.ids_type, p.ids_np
 
     def compute(model, seq_ids: np.ndarray, input_ids: np.ndarray, data_sha: str) -> pa.Table:
-        prompts = [row[: cfg.prompt_len].tolist() for row in input_ids]
+        prompts = prompts_of(input_ids, cfg.prompt_len)
         results = sample(
             model, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=eos, pad_token_id=pad,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=p.eos, pad_token_id=p.pad,
             seed=shard_seed(cfg.seed, data_sha), batch_size=cfg.batch_size,
             soft_topk=cfg.soft_topk, soft_temperature=cfg.soft_temperature,
         )
-        ids_np = ids_type.to_pandas_dtype()
         columns = {
             "prompt_id": pa.array([int(seq_ids[r.prompt_index]) for r in results], pa.int64()),
             "sample_idx": pa.array([r.sample_idx for r in results], pa.int32()),
@@ -63,4 +45,4 @@ def samples_job(cfg: SamplesConfig, teacher: dict, data: DataRef) -> ShardJob:
             columns["tail_logprob"] = pa.array([r.tail_logprob.numpy().astype(np.float32) for r in results], pa.list_(pa.float32()))
         return pa.table(columns)
 
-    return ShardJob(ref=ref, rows=cfg.num_prompts, compute=compute)
+    return ShardJob(ref=p.ref, rows=cfg.num_prompts, compute=compute)

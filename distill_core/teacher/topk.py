@@ -13,34 +13,20 @@ import pyarrow as pa
 import torch
 
 from distill_core.cache import stage
-from distill_core.cache.ref import CacheRef
-from distill_core.cache.shards import SCHEMA_VERSION, list_array
+from distill_core.cache.ref import CacheRef, teacher_cache_ref
+from distill_core.cache.shards import list_array
 from distill_core.cache.stage import ShardJob
 from distill_core.config import TopKConfig
 from distill_core.data import DataRef, id_type
 from distill_core.losses.divergence import topk_targets_from_logits
-from distill_core.storage import Storage, fingerprint
+from distill_core.storage import Storage
 
 Progress = Callable[[int, int], None]
 
 
 def topk_cache_ref(cfg: TopKConfig, teacher: dict, data: DataRef) -> CacheRef:
-    """The content address of a top-k cache: kind, k, temperature, teacher, tokenizer, sequence length.
-
-    The data fingerprint is not part of it: shards are keyed by their input shard, so a grown
-    dataset reuses the shards it already has."""
-    meta = {
-        "teacher": teacher["source"],
-        "teacher_fingerprint": teacher["fingerprint"],
-        "tokenizer_hash": data.tokenizer_hash,
-        "k": cfg.k,
-        "temperature": cfg.temperature,
-        "seq_len": data.seq_len,
-        "vocab_size": data.vocab_size,
-        "schema_version": SCHEMA_VERSION,
-    }
-    fp = fingerprint({"kind": "topk", **meta})
-    return CacheRef(kind="topk", folder=f"caches/topk/{fp}", fingerprint=fp, meta=meta)
+    """The content address of a top-k cache (see :func:`teacher_cache_ref`): k and temperature."""
+    return teacher_cache_ref("topk", {"k": cfg.k, "temperature": cfg.temperature}, teacher, data)
 
 
 @torch.inference_mode()
