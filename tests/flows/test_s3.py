@@ -96,7 +96,7 @@ def test_s3_outage_mid_shard_fails_the_stage_and_the_rerun_completes_only_missin
         cache_topk_flow(config, "outage")
     summary = _find(failure.value, CacheError)  # possibly wrapped by errors of cleanup on the dead endpoint
     assert summary is not None, repr(failure.value)
-    assert "2 of 3 top-k shard tasks failed after their retries" in str(summary)
+    assert "2 of 3 topk shard tasks failed after their retries" in str(summary)
     assert "Could not connect to the endpoint URL" in str(summary)
     assert len(computed) == 2  # the failing shard's retries died on storage before computing again
 
