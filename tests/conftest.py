@@ -152,3 +152,39 @@ def mlflow_server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 pass
         log.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core box OpenMP spinning made decode-loop
+    tests ~5x slower with 2 threads. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    """A 2-layer, 32-wide random Llama (grouped-query attention) over the tiny vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def make_prompts(tiny_tokenizer):
+    """``make_prompts(n, seed=0, max_len=11)``: n prompts of mixed lengths (1..max_len) over the tiny
+    vocabulary (never id 0, the EOS), so every batch is left-padded."""
+    import random
+
+    def make(n: int, seed: int = 0, max_len: int = 11) -> list[list[int]]:
+        rng = random.Random(seed)
+        return [[rng.randrange(1, len(tiny_tokenizer)) for _ in range(rng.randrange(1, max_len + 1))] for _ in range(n)]
+
+    return make

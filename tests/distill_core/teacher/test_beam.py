@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -14,30 +13,7 @@ from distill_core.teacher.sample import sample
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from threads; on a busy 2-core box, OpenMP spinning made these
-    tests ~5x slower with 2 threads (42 s -> 9 s for both files)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_prompts(n: int, vocab: int, seed: int = 0, max_len: int = 11) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(1, max_len + 1))] for _ in range(n)]
-
-
-def tiny_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate_beams(model, prompts, *, num_beams, max_new_tokens, length_penalty, eos_token_id):
@@ -84,10 +60,9 @@ def midway_eos(model, prompts, length_penalty=1.0, num_beams=3, max_new_tokens=8
 @pytest.mark.parametrize(
     "model_kind, length_penalty", [("gpt2", 1.0), ("gpt2", 0.5), ("gpt2", -1.0), ("llama", 1.0)]
 )
-def test_matches_generate_beams(model_kind, length_penalty, tiny_teacher, tiny_tokenizer):
-    vocab = len(tiny_tokenizer)
-    model = tiny_teacher if model_kind == "gpt2" else tiny_llama(vocab)
-    prompts = make_prompts(5, vocab, seed=1)
+def test_matches_generate_beams(model_kind, length_penalty, tiny_teacher, tiny_tokenizer, make_prompts, tiny_llama):
+    model = tiny_teacher if model_kind == "gpt2" else tiny_llama
+    prompts = make_prompts(5, seed=1)
     eos = midway_eos(model, prompts, length_penalty)
     kw = dict(num_beams=3, max_new_tokens=8, length_penalty=length_penalty, eos_token_id=eos)
     expected = generate_beams(model, prompts, **kw)
@@ -98,8 +73,8 @@ def test_matches_generate_beams(model_kind, length_penalty, tiny_teacher, tiny_t
             torch.testing.assert_close([c.score for c in candidates], [s for _, s in beams], atol=1e-5, rtol=0)
 
 
-def test_candidates_are_sorted_and_scored(tiny_teacher, tiny_tokenizer):
-    prompts = make_prompts(4, len(tiny_tokenizer), seed=2)
+def test_candidates_are_sorted_and_scored(tiny_teacher, tiny_tokenizer, make_prompts):
+    prompts = make_prompts(4, seed=2)
     eos = midway_eos(tiny_teacher, prompts, 0.5, num_beams=4, max_new_tokens=7)
     found = beam_search(
         tiny_teacher, prompts, num_beams=4, max_new_tokens=7, length_penalty=0.5, eos_token_id=eos,
@@ -125,8 +100,8 @@ def test_candidates_are_sorted_and_scored(tiny_teacher, tiny_tokenizer):
             assert math.isclose(c.sum_logprob, float(expected), abs_tol=1e-4)
 
 
-def test_one_beam_is_greedy(tiny_teacher, tiny_tokenizer):
-    prompts = make_prompts(4, len(tiny_tokenizer), seed=3)
+def test_one_beam_is_greedy(tiny_teacher, tiny_tokenizer, make_prompts):
+    prompts = make_prompts(4, seed=3)
     eos = midway_eos(tiny_teacher, prompts, num_beams=1, max_new_tokens=6)
     greedy = sample(
         tiny_teacher, prompts, num_samples=1, max_new_tokens=6, top_k=1, eos_token_id=eos, pad_token_id=PAD,
@@ -141,8 +116,8 @@ def test_one_beam_is_greedy(tiny_teacher, tiny_tokenizer):
         assert math.isclose(candidates[0].sum_logprob, sum(g.token_logprobs), abs_tol=1e-4)
 
 
-def test_without_eos_every_candidate_runs_to_the_limit(tiny_teacher, tiny_tokenizer):
-    prompts = make_prompts(3, len(tiny_tokenizer), seed=4)
+def test_without_eos_every_candidate_runs_to_the_limit(tiny_teacher, tiny_tokenizer, make_prompts):
+    prompts = make_prompts(3, seed=4)
     found = beam_search(
         tiny_teacher, prompts, num_beams=2, max_new_tokens=5, eos_token_id=None, pad_token_id=PAD, batch_size=2
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -13,31 +12,7 @@ from distill_core.teacher.sample import sample
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from threads; on a busy 2-core box, OpenMP spinning made these
-    tests ~5x slower with 2 threads (42 s -> 9 s for both files)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_prompts(n: int, vocab: int, seed: int = 0, max_len: int = 11) -> list[list[int]]:
-    """Mixed lengths (1..max_len) so every batch is left-padded."""
-    rng = random.Random(seed)
-    return [[rng.randrange(1, vocab) for _ in range(rng.randrange(1, max_len + 1))] for _ in range(n)]
-
-
-def tiny_llama(vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate_greedy(model, prompts, max_new_tokens):
@@ -63,10 +38,9 @@ def run(model, prompts, **kw):
 
 
 @pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
-def test_greedy_matches_generate_for_every_batch_size(model_kind, tiny_teacher, tiny_tokenizer):
-    vocab = len(tiny_tokenizer)
-    model = tiny_teacher if model_kind == "gpt2" else tiny_llama(vocab)
-    prompts = make_prompts(7, vocab)
+def test_greedy_matches_generate_for_every_batch_size(model_kind, tiny_teacher, tiny_tokenizer, make_prompts, tiny_llama):
+    model = tiny_teacher if model_kind == "gpt2" else tiny_llama
+    prompts = make_prompts(7)
     expected = generate_greedy(model, prompts, max_new_tokens=10)
     for batch_size in (1, 3, 7):
         results = run(model, prompts, top_k=1, batch_size=batch_size)
@@ -77,8 +51,8 @@ def test_greedy_matches_generate_for_every_batch_size(model_kind, tiny_teacher, 
     assert completions(run(model, prompts, temperature=0.0, seed=5)) == [e for e in expected for _ in range(2)]
 
 
-def test_same_seed_same_samples_different_seed_differs(tiny_teacher, tiny_tokenizer):
-    prompts = make_prompts(5, len(tiny_tokenizer))
+def test_same_seed_same_samples_different_seed_differs(tiny_teacher, tiny_tokenizer, make_prompts):
+    prompts = make_prompts(5)
     first = run(tiny_teacher, prompts, num_samples=3, seed=1)
     again = run(tiny_teacher, prompts, num_samples=3, seed=1)
     other = run(tiny_teacher, prompts, num_samples=3, seed=2)
@@ -90,9 +64,9 @@ def test_same_seed_same_samples_different_seed_differs(tiny_teacher, tiny_tokeni
 
 
 @pytest.mark.parametrize("knobs", [dict(top_k=1), dict(temperature=0.8, top_k=8, top_p=0.9)])
-def test_eos_finishes_a_row_and_only_truncates_it(knobs, tiny_teacher, tiny_tokenizer):
+def test_eos_finishes_a_row_and_only_truncates_it(knobs, tiny_teacher, tiny_tokenizer, make_prompts):
     """With an EOS, every row is the EOS-free row cut after its first EOS (finished rows dropped or not)."""
-    prompts = make_prompts(6, len(tiny_tokenizer))
+    prompts = make_prompts(6)
     free = run(tiny_teacher, prompts, max_new_tokens=12, **knobs)
     # An EOS the teacher emits mid-row: the third token of the first row.
     eos = free[0].completion_ids[2]
@@ -110,9 +84,9 @@ def test_eos_finishes_a_row_and_only_truncates_it(knobs, tiny_teacher, tiny_toke
 
 
 @pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
-def test_static_cache_matches_dynamic(model_kind, tiny_teacher, tiny_tokenizer):
-    model = tiny_teacher if model_kind == "gpt2" else tiny_llama(len(tiny_tokenizer))
-    prompts = make_prompts(5, len(tiny_tokenizer))  # batches of 2, 2, 1: the last is padded
+def test_static_cache_matches_dynamic(model_kind, tiny_teacher, tiny_tokenizer, make_prompts, tiny_llama):
+    model = tiny_teacher if model_kind == "gpt2" else tiny_llama
+    prompts = make_prompts(5)  # batches of 2, 2, 1: the last is padded
     eos = run(model, prompts, batch_size=2, top_k=20)[0].completion_ids[3]
     dynamic = run(model, prompts, batch_size=2, top_k=20, eos_token_id=eos, sync_every=2)
     static = run(model, prompts, batch_size=2, top_k=20, eos_token_id=eos, sync_every=2, static_cache=True)
@@ -131,8 +105,8 @@ def teacher_logprobs(model, prompt, completion, temperature=1.0):
     return logits
 
 
-def test_token_logprobs_equal_a_teacher_forward(tiny_teacher, tiny_tokenizer):
-    prompts = make_prompts(4, len(tiny_tokenizer))
+def test_token_logprobs_equal_a_teacher_forward(tiny_teacher, tiny_tokenizer, make_prompts):
+    prompts = make_prompts(4)
     # Sampled with a filtered, sharpened distribution; logprobs are still the plain teacher's.
     for r in run(tiny_teacher, prompts, temperature=0.7, top_k=10, top_p=0.9):
         logits = teacher_logprobs(tiny_teacher, prompts[r.prompt_index], r.completion_ids)
@@ -140,8 +114,8 @@ def test_token_logprobs_equal_a_teacher_forward(tiny_teacher, tiny_tokenizer):
         torch.testing.assert_close(torch.tensor(r.token_logprobs), expected, atol=1e-5, rtol=0)
 
 
-def test_soft_topk_equals_a_teacher_forward(tiny_teacher, tiny_tokenizer):
-    prompts = make_prompts(4, len(tiny_tokenizer))
+def test_soft_topk_equals_a_teacher_forward(tiny_teacher, tiny_tokenizer, make_prompts):
+    prompts = make_prompts(4)
     results = run(tiny_teacher, prompts, soft_topk=5, soft_temperature=2.0, eos_token_id=11)
     for r in results:
         n = len(r.completion_ids)
