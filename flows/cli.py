@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("name", choices=["prepare_data", "cache_topk", "cache_samples", "cache_beams", "train_student", "evaluate", "register"])
     stage.add_argument("config")
     stage.add_argument("--run-id", required=True)
-    repair = sub.add_parser("repair-cache", help="recompute the damaged data and top-k cache shards of a run")
+    repair = sub.add_parser("repair-cache", help="recompute the damaged data and teacher-cache shards of a run")
     repair.add_argument("config")
     repair.add_argument("--run-id", required=True)
     serve = sub.add_parser("serve", help="serve the nightly and stage deployments (with schedules) from this process")
@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "repair-cache":
             from flows.runners import configured
-            from flows.stages import cache_topk_flow
+            from flows.stages import STAGES
 
             config = load_config(args.config)
-            out = configured(cache_topk_flow, config)(config, args.run_id, recompute_damaged=True)
+            out = {kind: configured(STAGES[f"cache_{kind}"], config)(config, args.run_id, recompute_damaged=True)
+                   for kind in config.train.caches()}
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "serve":
             from flows.serve import DEFAULT_CONFIG, serve

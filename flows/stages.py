@@ -30,10 +30,14 @@ def prepare_data_flow(config: RunConfig, run_id: str) -> dict:
     return data
 
 
-def _cache_stage(kind: str, config: RunConfig, run_id: str) -> dict:
-    """One task per train shard still missing from the ``kind`` cache, then one commit of them all."""
+def _cache_stage(kind: str, config: RunConfig, run_id: str, recompute_damaged: bool) -> dict:
+    """One task per train shard still missing from the ``kind`` cache, then one commit of them all.
+
+    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
+    if recompute_damaged:
+        repair_damaged(config, teacher, data, kind)
     cfg = getattr(config, kind)
     todo = plan_cache(kind, teacher, data, cfg, config.storage)
     written = cache_shard.map(
@@ -53,23 +57,25 @@ def cache_topk_flow(config: RunConfig, run_id: str, recompute_damaged: bool = Fa
     """Soft targets: the teacher's top-k log-probabilities (and tail mass) at every train position.
 
     recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
-    if recompute_damaged:
-        repair_damaged(config, read_stage(config, run_id, "teacher"), read_stage(config, run_id, "prepare_data"))
-    return _cache_stage("topk", config, run_id)
+    return _cache_stage("topk", config, run_id, recompute_damaged)
 
 
 @flow(name="cache-samples", flow_run_name=run_name("cache-samples"), task_runner=ThreadPoolTaskRunner(max_workers=1))
 @holds_run_lock
-def cache_samples_flow(config: RunConfig, run_id: str) -> dict:
-    """Sequence-level KD: the teacher's sampled continuations of train prompts (+ optional soft targets)."""
-    return _cache_stage("samples", config, run_id)
+def cache_samples_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
+    """Sequence-level KD: the teacher's sampled continuations of train prompts (+ optional soft targets).
+
+    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
+    return _cache_stage("samples", config, run_id, recompute_damaged)
 
 
 @flow(name="cache-beams", flow_run_name=run_name("cache-beams"), task_runner=ThreadPoolTaskRunner(max_workers=1))
 @holds_run_lock
-def cache_beams_flow(config: RunConfig, run_id: str) -> dict:
-    """Distilled beam search: all of the teacher's beam candidates per train prompt, with scores."""
-    return _cache_stage("beams", config, run_id)
+def cache_beams_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
+    """Distilled beam search: all of the teacher's beam candidates per train prompt, with scores.
+
+    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
+    return _cache_stage("beams", config, run_id, recompute_damaged)
 
 
 @flow(name="train-student", flow_run_name=run_name("train-student"))

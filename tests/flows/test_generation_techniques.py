@@ -2,8 +2,14 @@
 
 import json
 
+import pytest
+
+from distill_core.cache.ref import CacheRef
 from distill_core.config import parse_config
+from distill_core.errors import CacheError
+from distill_core.storage import Storage
 from flows.nightly import nightly
+from flows.stages import cache_samples_flow
 
 
 def _config(tiny_config, losses, **extra):
@@ -41,3 +47,20 @@ def test_seqkd_and_beam_ranking_end_to_end(tiny_config, tmp_path):
 
     again = nightly(config, run_id="gen-2")  # everything cached: same student, same version
     assert again["registered"]["version"] == 1
+
+
+def test_damaged_sample_shard_is_recomputed_on_request(tiny_config, tmp_path):
+    config = _config(tiny_config, [{"name": "seqkd"}, {"name": "ce"}],
+                     samples={"prompt_len": 8, "num_prompts": 20, "num_samples": 1, "max_new_tokens": 4, "batch_size": 8})
+    nightly(config, run_id="dmg")
+    root = tmp_path / "root"
+    ref = json.loads((root / "runs/dmg/stages/cache_samples.json").read_text())
+    store_path = root / ref["folder"]
+    before = {p.name: p.read_bytes() for p in store_path.glob("part-*.parquet")}
+    victim = sorted(before)[1]
+    (store_path / victim).write_bytes(before[victim][:-7])
+    with pytest.raises(CacheError, match="checksum"):
+        CacheRef.from_dict(ref).open(Storage(str(root))).read_shard(victim)
+    cache_samples_flow(config, "dmg", recompute_damaged=True)
+    after = {p.name: p.read_bytes() for p in store_path.glob("part-*.parquet")}
+    assert after == before  # the damaged shard is recomputed, byte for byte; the others untouched
