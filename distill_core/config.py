@@ -181,6 +181,11 @@ class TrainConfig(_Model):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a share of lr.")
     grad_clip: float = Field(1.0, gt=0.0)
+    loss_chunk_rows: int | None = Field(
+        None, ge=1,
+        description="Compute divergences this many token positions at a time, recomputed in backward: bounds the "
+        "loss's full-vocabulary memory (e.g. 2048 for 16×1024 batches on GPU). Same values as unchunked.",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     seed: int = Field(0)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (bf16 autocast there).")

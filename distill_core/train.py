@@ -58,7 +58,8 @@ def lr_lambda(step: int, cfg: TrainConfig) -> float:
 
 
 def loss_step(
-    student, batch: StepBatch, terms: list[LossTerm], *, tail: str, temperatures: dict[str, float], length_penalty: float = 1.0
+    student, batch: StepBatch, terms: list[LossTerm], *, tail: str, temperatures: dict[str, float], length_penalty: float = 1.0,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the loss terms on one step's batches, and each term's (unweighted) value.
 
@@ -88,7 +89,8 @@ def loss_step(
         else:
             if b.targets is None:
                 raise CacheError(f"loss {term.name!r} needs the teacher's top-k on {term.source}, but that cache has none.")
-            per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperatures.get(term.source, 1.0), beta=term.beta)
+            per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperatures.get(term.source, 1.0),
+                                          beta=term.beta, chunk_rows=chunk_rows)
             value = masked_mean(per_token, b.loss_mask)
         parts[_part_name(term)] = value
     total = sum(t.weight * parts[_part_name(t)] for t in terms)
@@ -142,7 +144,8 @@ def train(
             with world.grad_sync(model, micro + 1 == cfg.grad_accum):
                 with autocast:
                     loss, parts = loss_step(
-                        model, batch, terms, tail=cfg.tail, temperatures=temperatures or {}, length_penalty=length_penalty
+                        model, batch, terms, tail=cfg.tail, temperatures=temperatures or {}, length_penalty=length_penalty,
+                        chunk_rows=cfg.loss_chunk_rows,
                     )
                 (loss / cfg.grad_accum).backward()
             tokens += batch.num_tokens
@@ -237,7 +240,7 @@ def student_folder(kind: str, student_cfg, train_cfg: TrainConfig, terms: list[L
     """Content address of a trained student: its init, training settings, loss terms and inputs."""
     from distill_core.storage import fingerprint
 
-    train = train_cfg.model_dump(exclude={"baseline", "losses", "device"})
+    train = train_cfg.model_dump(exclude={"baseline", "losses", "device", "loss_chunk_rows"})  # none change the result
     fp = fingerprint({"student": student_cfg.model_dump(), "train": train, "terms": [t.model_dump() for t in terms], **inputs})
     return f"students/{fp}/{kind}"
 

@@ -32,6 +32,16 @@ def test_kd_loss_is_zero_when_the_student_is_the_teacher(tiny_teacher):
     assert total.item() == pytest.approx(0.5 * parts["ce"].item(), rel=1e-5)
 
 
+def test_chunked_loss_equals_unchunked(tiny_teacher):
+    ids = torch.randint(0, tiny_teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        targets = topk_targets_from_logits(tiny_teacher(ids).logits[:, :-1] * 0.5, 8, 1.0)
+    batch = StepBatch(data=Batch(ids, torch.ones(2, 15, dtype=torch.bool), targets))
+    whole, _ = loss_step(tiny_teacher, batch, TERMS, tail="bucket", temperatures={})
+    chunked, _ = loss_step(tiny_teacher, batch, TERMS, tail="bucket", temperatures={}, chunk_rows=7)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
 @pytest.fixture
 def setup(tmp_path, tiny_tokenizer, tiny_teacher):
     storage = Storage(str(tmp_path / "root"))
