@@ -85,3 +85,21 @@ def test_missing_samples_shards_are_named(prepared):
     ref = samples_job(SamplesConfig(prompt_len=8, num_prompts=4), TEACHER, data).ref
     with pytest.raises(CacheError, match="run the cache_samples stage"):
         shards_for(ref, storage, data.train, rows=4)
+
+
+def test_a_cache_from_other_settings_or_teacher_is_refused_naming_the_difference(prepared, tiny_teacher):
+    from distill_core.cache.ref import CacheRef, check_compatible
+
+    storage, data = prepared
+    ref = run_all(samples_job(SamplesConfig(prompt_len=8, num_prompts=4, max_new_tokens=3), TEACHER, data),
+                  lambda: tiny_teacher, data, storage)
+    hotter = CacheRef(ref.kind, ref.folder, ref.fingerprint, {**ref.meta, "temperature": 0.7})
+    with pytest.raises(CacheError, match=r"meta\.temperature is 1\.0 there, 0\.7 here"):
+        hotter.open(storage)
+    with pytest.raises(CacheError, match="teacher_fingerprint"):
+        check_compatible(ref, data, "another-teacher")
+    beams = run_all(beams_job(BeamsConfig(prompt_len=8, num_prompts=4, num_beams=2, max_new_tokens=3), TEACHER, data),
+                    lambda: tiny_teacher, data, storage)
+    wider = CacheRef(beams.kind, beams.folder, beams.fingerprint, {**beams.meta, "num_beams": 4})
+    with pytest.raises(CacheError, match=r"meta\.num_beams is 2 there, 4 here"):
+        wider.open(storage)
