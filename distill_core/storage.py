@@ -108,6 +108,14 @@ class Storage:
             return False
         return True
 
+    def epoch(self) -> str:
+        """An id for this root's lifetime, made the first time it is asked for: a root that was deleted
+        and started again gets a new one, so caches keyed on it never point into the old one."""
+        rel = ".distillery-root.json"
+        if not self.exists(rel):
+            self.create_exclusive(rel, json.dumps({"id": uuid.uuid4().hex}).encode())
+        return self.read_json(rel)["id"]
+
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
         path = self._path(rel)

@@ -36,16 +36,24 @@ def _fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+REFRESH_HELP = (
+    "ignore Prefect's task cache (e.g. after deleting part of the storage root); finished artifacts "
+    "are still found by content and not recomputed"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the nightly flow end to end")
     run.add_argument("config", help="YAML run config (see deployments/)")
     run.add_argument("--run-id", default=None)
+    run.add_argument("--refresh-cache", action="store_true", help=REFRESH_HELP)
     stage = sub.add_parser("stage", help="run one stage on an existing run id")
     stage.add_argument("name", choices=["prepare_data", "cache_topk", "cache_samples", "cache_beams", "train_student", "evaluate", "register"])
     stage.add_argument("config")
     stage.add_argument("--run-id", required=True)
+    stage.add_argument("--refresh-cache", action="store_true", help=REFRESH_HELP)
     repair = sub.add_parser("repair-cache", help="recompute the damaged data and teacher-cache shards of a run")
     repair.add_argument("config")
     repair.add_argument("--run-id", required=True)
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("--config", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if getattr(args, "refresh_cache", False):
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"  # read when Prefect is imported, below
     try:
         if args.command == "run":
             from flows.nightly import nightly

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from distill_core.config import StorageConfig
 from distill_core.storage import Storage
 
-# A task's result is reused when its inputs (stage config + input refs, which carry fingerprints)
-# and its source code are unchanged.
-CONTENT = INPUTS + TASK_SOURCE
+@dataclass
+class StorageEpoch(CachePolicy):
+    """Part of a key that changes when the task's storage root is deleted and started again: a cached
+    result is a reference to files under the root, and must not outlive them."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        cfg = inputs.get("storage") or getattr(inputs.get("config"), "storage", None)
+        return storage_of(cfg).epoch() if isinstance(cfg, StorageConfig) else None
+
+
+# A task's result is reused when its inputs (stage config + input refs, which carry fingerprints),
+# its source code and its storage root's lifetime are unchanged.
+CONTENT = INPUTS + TASK_SOURCE + StorageEpoch()
 
 
 def storage_of(cfg: StorageConfig) -> Storage:

@@ -31,3 +31,13 @@ def test_nightly_end_to_end_then_rerun_recomputes_nothing(tiny_config, tmp_path)
     assert after == before  # no data, cache, student or registry file was rewritten
     assert again["registered"]["version"] == 1
     assert len(list_versions(Storage(str(root)), "tiny")) == 1
+
+
+def test_a_deleted_storage_root_is_rebuilt_not_served_from_prefect_cache(tiny_config, tmp_path):
+    import shutil
+
+    nightly(tiny_config, run_id="before")
+    shutil.rmtree(tmp_path / "root")
+    result = nightly(tiny_config, run_id="after")  # Prefect's cached refs point into the old root
+    assert result["registered"]["version"] == 1
+    assert AutoModelForCausalLM.from_pretrained(result["registered"]["url"]).config.n_layer == 2
