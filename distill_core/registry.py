@@ -84,13 +84,7 @@ def register(
     keys are kept too). The champion alias moves only when ``metrics[primary_metric]`` is strictly
     better than the champion's value for the same metric, or when there is no champion.
     """
-    _check_name(name, "model name")
-    value = metrics.get(primary_metric)
-    if not _is_number(value):
-        raise RegistryError(
-            f"metrics[{primary_metric!r}] must be a finite number to rank versions, got {value!r}; "
-            f"metrics have {sorted(metrics)}. Pass the metric or choose another primary_metric."
-        )
+    value = check_registration(name, metrics, primary_metric)
     lineage = {"code_version": CODE_VERSION, **lineage}
 
     with _Lock(storage, name, lock_timeout):
@@ -134,6 +128,18 @@ def register(
         if wins:
             storage.write_json(_model_rel(name, ALIASES), {**aliases, CHAMPION: version})
     return RegisteredVersion(name, version, storage.url(folder), wins, previous)
+
+
+def check_registration(name: str, metrics: dict[str, Any], primary_metric: str) -> float:
+    """Refuse a bad model name or a missing/non-finite primary metric before any work; returns the metric."""
+    _check_name(name, "model name")
+    value = metrics.get(primary_metric)
+    if not _is_number(value):
+        raise RegistryError(
+            f"metrics[{primary_metric!r}] must be a finite number to rank versions, got {value!r}; "
+            f"metrics have {sorted(metrics)}. Pass the metric or choose another primary_metric."
+        )
+    return value
 
 
 def list_models(storage: Storage) -> list[str]:

@@ -35,9 +35,9 @@ from distill_core.registry import (
     SCHEMA_VERSION,
     RegisteredVersion,
     _beats,
-    _check_name,
     _is_number,
     _plain,
+    check_registration,
     model_card,
 )
 from distill_core.version import CODE_VERSION
@@ -64,13 +64,7 @@ def register(
 
     ``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``. ``url`` of the result is ``models:/<name>/<version>``.
     """
-    _check_name(name, "model name")
-    value = metrics.get(primary_metric)
-    if not _is_number(value):
-        raise RegistryError(
-            f"metrics[{primary_metric!r}] must be a finite number to rank versions, got {value!r}; "
-            f"metrics have {sorted(metrics)}. Pass the metric or choose another primary_metric."
-        )
+    value = check_registration(name, metrics, primary_metric)
     lineage = {"code_version": CODE_VERSION, **lineage}
     import mlflow
     from huggingface_hub import ModelCard
