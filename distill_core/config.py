@@ -191,10 +191,6 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (bf16 autocast there).")
     baseline: bool = Field(True, description="Also train a CE-only student with the same budget, for comparison.")
 
-    @property
-    def kd_terms(self) -> list[LossTerm]:
-        return [t for t in self.losses if t.name != "ce"]
-
     def students(self) -> dict[str, list[LossTerm]]:
         """The students a run trains: "student" with the configured terms, and the CE-only "baseline"."""
         return {"student": list(self.losses), **({"baseline": [LossTerm(name="ce")]} if self.baseline else {})}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from distill_core.config import EvalConfig
 from distill_core.data import DataRef, read_sequences
 from distill_core.storage import Storage
+from distill_core.student import count_parameters
 
 
 def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iterator[torch.Tensor]:
@@ -57,10 +58,6 @@ def compare(teacher, students: dict, batches: Iterator[torch.Tensor], device) ->
             "kl_to_teacher": kl[name] / count,
         }
     return out
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ import socket
 import uuid
 from typing import Any
 
-from distill_core.config import RunConfig
+from distill_core.config import RunConfig, TrainConfig
 from distill_core.errors import ConfigError, RunLockedError
 from distill_core.storage import Storage
 
@@ -55,6 +55,10 @@ class RunRecord:
                 f"(distillery stage {stage} CONFIG --run-id {self.run_id})."
             )
         return self.storage.read_json(f"{self.folder}/stages/{stage}.json")
+
+    def read_caches(self, train: TrainConfig) -> dict[str, Any]:
+        """{kind: CacheRef dict} for every teacher cache the run's loss terms train on."""
+        return {kind: self.read_stage(f"cache_{kind}") for kind in train.caches()}
 
 
 class RunLock:

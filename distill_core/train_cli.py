@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 from distill_core import distributed
 from distill_core.cache.ref import CacheRef
-from distill_core.config import LossTerm, RunConfig, load_config
+from distill_core.config import RunConfig, caches_for, load_config
 from distill_core.data import DataRef
 from distill_core.errors import DistilleryError
 from distill_core.run_record import RunRecord
@@ -34,17 +34,12 @@ def train_run(config: RunConfig, run_id: str) -> dict:
     record = RunRecord(storage, run_id)
     teacher = TeacherRef.from_dict(record.read_stage("teacher"))
     data = DataRef.from_dict(record.read_stage("prepare_data"))
-    caches = {
-        kind: CacheRef.from_dict(record.read_stage(f"cache_{kind}"))
-        for kind in ("topk", "samples", "beams") if config.train.needs(kind)
-    }
+    caches = {kind: CacheRef.from_dict(c) for kind, c in record.read_caches(config.train).items()}
     world = distributed.init(resolve_device(config.train.device))
-    students = {"student": (config.train.losses, caches)}
-    if config.train.baseline:
-        students["baseline"] = ([LossTerm(name="ce")], {})
     results = {}
-    for name, (terms, used) in students.items():
+    for name, terms in config.train.students().items():
         progress = _printer(name, config.train.steps) if world.is_main else None
+        used = {kind: caches[kind] for kind in caches_for(terms)}
         result = train_student(name, terms, config.student, config.train, storage, teacher, data, caches=used,
                                progress=progress)
         results[name] = asdict(result) | {"history": result.history[-1:]}  # as the Prefect task returns it

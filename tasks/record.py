@@ -29,5 +29,4 @@ def read_stage(config: RunConfig, run_id: str, stage: str) -> Any:
 @task(name="read-caches")
 def read_caches(config: RunConfig, run_id: str) -> dict[str, Any]:
     """{kind: CacheRef dict} for every teacher cache the run's loss terms train on."""
-    record = RunRecord(storage_of(config.storage), run_id)
-    return {kind: record.read_stage(f"cache_{kind}") for kind in config.train.caches()}
+    return RunRecord(storage_of(config.storage), run_id).read_caches(config.train)
