@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from distill_core.cache.stage import run_all
 from distill_core.config import LossTerm, load_config
 from distill_core.data import prepare_data
@@ -57,7 +59,7 @@ def main() -> None:
     teacher = resolve_teacher(cfg.teacher, storage)
     data = prepare_data(cfg.data, load_tokenizer(teacher, storage), teacher.tokenizer_hash, storage)
     loaded = {}
-    load = lambda: loaded.setdefault("m", load_teacher(teacher, storage, device=device)[0])  # noqa: E731
+    load = lambda: loaded.setdefault("m", load_teacher(teacher, storage, device=device, dtype=getattr(torch, teacher.dtype))[0])  # noqa: E731
     jobs = {"topk": topk_job(cfg.topk, teacher.to_dict(), data)}
     sources = {t.source for terms in objectives.values() for t in terms}
     if "samples" in sources:

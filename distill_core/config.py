@@ -20,18 +20,26 @@ class _Model(BaseModel):
 
 
 # -- teacher ---------------------------------------------------------------------------------------
-class HubTeacher(_Model):
+class _Teacher(_Model):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Precision of the teacher's forward passes in the cache stages (auto: bfloat16 where a CUDA GPU "
+        "supports it, else float32). It is part of each cache's address. Students are built and evaluated in float32.",
+    )
+
+
+class HubTeacher(_Teacher):
     kind: Literal["hub"] = "hub"
     name: str = Field(description="Hugging Face hub id, e.g. 'gpt2-xl'.", min_length=1)
     revision: str = Field("main", description="Branch, tag or commit of the hub repository.")
 
 
-class PathTeacher(_Model):
+class PathTeacher(_Teacher):
     kind: Literal["path"] = "path"
     path: str = Field(description="Folder in Hugging Face format: local path or fsspec URL (s3://...).", min_length=1)
 
 
-class GGUFTeacher(_Model):
+class GGUFTeacher(_Teacher):
     kind: Literal["gguf"] = "gguf"
     file: str = Field(
         "embedded",
@@ -83,6 +91,12 @@ class SamplesConfig(_Model):
     soft_temperature: float = Field(1.0, gt=0.0, le=20.0, description="Temperature of those soft targets.")
     seed: int = Field(0, description="Sampling seed: the same seed gives the same samples.")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch (rows = prompts × num_samples).")
+    decode: Literal["dynamic", "static", "compiled"] = Field(
+        "dynamic",
+        description="How the teacher decodes (the samples are the same): dynamic: a growing KV cache that drops "
+        "finished rows; static: a preallocated cache of fixed shape; compiled: static plus torch.compile, with "
+        "CUDA graphs on a GPU.",
+    )
 
 
 class BeamsConfig(_Model):

@@ -55,11 +55,11 @@ def _shard_teacher(ref: TeacherRef, root) -> Callable[[], torch.nn.Module]:
 
     def load() -> torch.nn.Module:
         device = resolve_device("auto")
-        key = (ref.fingerprint, root.url(), str(device))
+        key = (ref.fingerprint, ref.dtype, root.url(), str(device))
         with _teacher_lock:
             if _teacher.get("key") != key:
                 _teacher.clear()  # drop the previous teacher before loading the next
-                _teacher.update(key=key, model=load_teacher(ref, root, device=device)[0])
+                _teacher.update(key=key, model=load_teacher(ref, root, device=device, dtype=getattr(torch, ref.dtype))[0])
             return _teacher["model"]
 
     return load

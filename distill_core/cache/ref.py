@@ -29,8 +29,8 @@ class CacheRef:
 
 
 def teacher_cache_ref(kind: str, settings: dict, teacher: dict, data: DataRef) -> CacheRef:
-    """The content address of a teacher cache: its kind and stage settings, the teacher, tokenizer,
-    sequence length and schema. The data fingerprint is not part of it: shards are keyed by their
+    """The content address of a teacher cache: its kind and stage settings, the teacher and the
+    precision it ran in, tokenizer, sequence length and schema. The data fingerprint is not part of it: shards are keyed by their
     input shard, so a grown dataset reuses the shards it already has."""
     from distill_core.cache.shards import SCHEMA_VERSION
     from distill_core.storage import fingerprint
@@ -38,6 +38,7 @@ def teacher_cache_ref(kind: str, settings: dict, teacher: dict, data: DataRef) -
     meta = {
         "teacher": teacher["source"],
         "teacher_fingerprint": teacher["fingerprint"],
+        "teacher_dtype": teacher["dtype"],
         "tokenizer_hash": data.tokenizer_hash,
         "seq_len": data.seq_len,
         "vocab_size": data.vocab_size,

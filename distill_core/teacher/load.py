@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class TeacherRef:
     model_type: str
     num_layers: int
     eos_token_id: int | None
+    # Precision of the cache stages' teacher forward (a torch dtype name), resolved from the config's
+    # ``dtype`` by ``resolve_teacher``; refs written before it existed ran in float32.
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,10 +66,10 @@ class TeacherRef:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TeacherRef":
         names = {f.name for f in fields(cls)}
-        missing = names - set(data)
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - set(data)
         if missing:
             raise TeacherError(f"teacher description lacks {sorted(missing)}: resolve the teacher again.")
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -76,16 +79,30 @@ def resolve_teacher(cfg, storage: Storage) -> TeacherRef:
     Raises :class:`TeacherError` naming the problem and the fix when the teacher cannot be found.
     """
     if cfg.kind == "path":
-        return _resolve_path(cfg.path, storage)
-    if cfg.kind == "gguf":
-        return _resolve_gguf(cfg.file, storage)
-    if cfg.kind == "hub":
-        return _resolve_hub(cfg.name, cfg.revision, storage)
-    raise TeacherError(f"unknown teacher kind {cfg.kind!r}: use 'hub', 'path' or 'gguf'.")
+        ref = _resolve_path(cfg.path, storage)
+    elif cfg.kind == "gguf":
+        ref = _resolve_gguf(cfg.file, storage)
+    elif cfg.kind == "hub":
+        ref = _resolve_hub(cfg.name, cfg.revision, storage)
+    else:
+        raise TeacherError(f"unknown teacher kind {cfg.kind!r}: use 'hub', 'path' or 'gguf'.")
+    return replace(ref, dtype=compute_dtype(cfg.dtype))
+
+
+def compute_dtype(name: str) -> str:
+    """The teacher's compute precision for a config ``dtype``: ``auto`` is bfloat16 where a CUDA GPU
+    supports it (half the memory traffic of float32, the usual precision for teacher inference) and
+    float32 elsewhere (CPUs run float32 fastest)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def load_teacher(ref: TeacherRef, storage: Storage, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` for ``ref``: the model in eval mode on ``device``; see :func:`load_tokenizer`.
+
+    ``dtype`` is float32 by default, as students are built from these weights; the cache stages pass
+    ``ref.dtype``.
 
     A remote folder is downloaded once into the local cache (``$DISTILLERY_CACHE`` or
     ``~/.cache/distillery``), keyed by the fingerprint.
@@ -460,6 +477,7 @@ def _download(fs, root: str, dest: Path, *, weights: bool) -> Path:
 
 __all__ = [
     "TeacherRef",
+    "compute_dtype",
     "embedded_gguf_path",
     "local_copy",
     "load_teacher",

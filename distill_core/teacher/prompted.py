@@ -27,13 +27,14 @@ class Prompted:
 
 
 def prompted_cache(kind: str, cfg: SamplesConfig | BeamsConfig, teacher: dict, data: DataRef) -> Prompted:
-    """Check the prompt length against the data and address the cache by every setting but batch size."""
+    """Check the prompt length against the data and address the cache by every setting that can change
+    its rows: not the batch size or the decode kind, which change only how the teacher gets there."""
     if cfg.prompt_len >= data.seq_len:
         raise ConfigError(
             f"{kind}.prompt_len {cfg.prompt_len} must be below data.seq_len {data.seq_len}: prompts are cut from train sequences."
         )
     eos = teacher.get("eos_token_id")
-    ref = teacher_cache_ref(kind, cfg.model_dump(exclude={"batch_size"}), teacher, data)
+    ref = teacher_cache_ref(kind, cfg.model_dump(exclude={"batch_size", "decode"}), teacher, data)
     return Prompted(ref, id_type(data.vocab_size), eos, eos if eos is not None else 0)
 
 

@@ -29,6 +29,7 @@ def samples_job(cfg: SamplesConfig, teacher: dict, data: DataRef) -> ShardJob:
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=p.eos, pad_token_id=p.pad,
             seed=shard_seed(cfg.seed, data_sha), batch_size=cfg.batch_size,
             soft_topk=cfg.soft_topk, soft_temperature=cfg.soft_temperature,
+            static_cache=cfg.decode != "dynamic", compile=cfg.decode == "compiled",
         )
         columns = {
             "prompt_id": pa.array([int(seq_ids[r.prompt_index]) for r in results], pa.int64()),

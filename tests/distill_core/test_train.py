@@ -46,7 +46,7 @@ def test_chunked_loss_equals_unchunked(tiny_teacher):
 def setup(tmp_path, tiny_tokenizer, tiny_teacher):
     storage = Storage(str(tmp_path / "root"))
     data = prepare_data(DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24), tiny_tokenizer, "tok", storage)
-    cache = cache_topk(lambda: tiny_teacher, data, {"source": "t", "fingerprint": "f"}, TopKConfig(k=4), storage)
+    cache = cache_topk(lambda: tiny_teacher, data, {"source": "t", "fingerprint": "f", "dtype": "float32"}, TopKConfig(k=4), storage)
     stream = topk_stream(storage, data, cache, seed=0)
     batches = step_batches({"data": stream}, batch_size=4, pad_id=0)
     return storage, batches

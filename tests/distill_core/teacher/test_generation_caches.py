@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from distill_core.storage import Storage
 from distill_core.teacher.beams_cache import beams_job
 from distill_core.teacher.samples_cache import samples_job
 
-TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16, "eos_token_id": 0}
+TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16, "eos_token_id": 0, "dtype": "float32"}
 
 
 @pytest.fixture
@@ -103,3 +105,54 @@ def test_a_cache_from_other_settings_or_teacher_is_refused_naming_the_difference
     wider = CacheRef(beams.kind, beams.folder, beams.fingerprint, {**beams.meta, "num_beams": 4})
     with pytest.raises(CacheError, match=r"meta\.num_beams is 2 there, 4 here"):
         wider.open(storage)
+
+
+def test_decode_kind_changes_neither_the_address_nor_the_samples(prepared, tiny_teacher, tmp_path):
+    storage, data = prepared
+    base = dict(prompt_len=8, num_prompts=6, num_samples=2, max_new_tokens=5, batch_size=4)
+    dynamic = run_all(samples_job(SamplesConfig(**base), TEACHER, data), lambda: tiny_teacher, data, storage)
+    other = Storage(str(tmp_path / "other"))
+    other.upload_dir(storage.local_path(data.folder), data.folder)
+    static = run_all(samples_job(SamplesConfig(**base, decode="static"), TEACHER, data), lambda: tiny_teacher, data, other)
+    assert static.folder == dynamic.folder
+    for name in shards_for(dynamic, storage, data.train, rows=6):
+        a, b = dynamic.open(storage).read_shard(name), static.open(other).read_shard(name)
+        assert a["completion_ids"].to_pylist() == b["completion_ids"].to_pylist()
+        np.testing.assert_allclose(
+            np.concatenate(a["token_logprobs"].to_numpy(zero_copy_only=False)),
+            np.concatenate(b["token_logprobs"].to_numpy(zero_copy_only=False)), atol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("kind", ["samples", "beams"])
+def test_killed_generation_resumes_at_the_first_unfinished_shard(kind, prepared, tiny_teacher, tmp_path):
+    storage, data = prepared
+    if kind == "samples":
+        job = samples_job(SamplesConfig(prompt_len=8, num_prompts=12, num_samples=2, max_new_tokens=5, batch_size=4), TEACHER, data)
+    else:
+        job = beams_job(BeamsConfig(prompt_len=8, num_prompts=12, num_beams=2, max_new_tokens=4), TEACHER, data)
+    computed = []
+
+    def compute_then_die(model, seq_ids, input_ids, data_sha):
+        if computed:  # the second shard: killed before it is written
+            raise KeyboardInterrupt
+        computed.append(data_sha)
+        return job.compute(model, seq_ids, input_ids, data_sha)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_all(dataclasses.replace(job, compute=compute_then_die), lambda: tiny_teacher, data, storage)
+    assert len(job.ref.open(storage).recorded()) == 1  # the first shard survived, uncommitted
+
+    resumed = []
+
+    def compute_counted(model, seq_ids, input_ids, data_sha):
+        resumed.append(data_sha)
+        return job.compute(model, seq_ids, input_ids, data_sha)
+
+    ref = run_all(dataclasses.replace(job, compute=compute_counted), lambda: tiny_teacher, data, storage)
+    assert len(resumed) == 2 and computed[0] not in resumed  # only the two unfinished shards, in data order
+
+    other = Storage(str(tmp_path / "uninterrupted"))
+    other.upload_dir(storage.local_path(data.folder), data.folder)
+    reference = run_all(job, lambda: tiny_teacher, data, other)
+    assert [s.sha256 for s in ref.open(storage).shards] == [s.sha256 for s in reference.open(other).shards]

@@ -55,6 +55,16 @@ def test_path_teacher_resolves_with_stable_fingerprint(tiny_teacher_dir, tiny_to
     assert not storage.exists("teachers")  # a path teacher is used where it is
 
 
+def test_teacher_precision_resolves_from_the_config(tiny_teacher_dir, storage):
+    auto = resolve_teacher(PathTeacher(path=str(tiny_teacher_dir)), storage)
+    assert auto.dtype == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32")
+    half = resolve_teacher(PathTeacher(path=str(tiny_teacher_dir), dtype="bfloat16"), storage)
+    assert half.dtype == "bfloat16" and half.fingerprint == auto.fingerprint  # same weights
+    assert load_teacher(half, storage, dtype=getattr(torch, half.dtype))[0].dtype == torch.bfloat16
+    before = {k: v for k, v in auto.to_dict().items() if k != "dtype"}
+    assert TeacherRef.from_dict(before).dtype == "float32"  # refs from before the setting ran in float32
+
+
 def test_path_fingerprint_follows_the_weights(tmp_path, tiny_teacher_dir, storage):
     from transformers import AutoModelForCausalLM
 

@@ -97,6 +97,24 @@ def test_static_cache_matches_dynamic(model_kind, tiny_teacher, tiny_tokenizer, 
         torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
+def test_compiled_decode_step_is_one_graph_and_matches_eager(model_kind, tiny_teacher, make_prompts, tiny_llama):
+    """CUDA graphs replay one captured graph: the compiled step must not break or recompile per step or batch."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_teacher if model_kind == "gpt2" else tiny_llama
+    prompts = make_prompts(5)  # batches of 2, 2, 1: the last is padded to the same shape
+    eager = run(model, prompts, batch_size=2, top_k=20, static_cache=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(model, prompts, batch_size=2, top_k=20, static_cache=True, compile=True)
+    assert completions(compiled) == completions(eager)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
 def teacher_logprobs(model, prompt, completion, temperature=1.0):
     """Log-softmax of a plain teacher forward over prompt + completion, at the completion positions: [n, V]."""
     ids = torch.tensor([prompt + completion])

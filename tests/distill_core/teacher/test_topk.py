@@ -10,7 +10,7 @@ from distill_core.errors import CacheError
 from distill_core.storage import Storage
 from distill_core.teacher.topk import cache_topk, read_topk_table
 
-TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16}
+TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16, "dtype": "float32"}
 
 
 @pytest.fixture
@@ -75,3 +75,18 @@ def test_cache_from_another_teacher_is_refused(prepared, tiny_teacher):
     ref = cache_topk(lambda: tiny_teacher, data, TEACHER, TopKConfig(k=4), storage)
     with pytest.raises(CacheError, match="teacher_fingerprint"):
         check_compatible(ref, data, "another-teacher")
+
+
+def test_teacher_precision_is_part_of_the_address(prepared, tiny_teacher):
+    import copy
+
+    storage, data = prepared
+    full = cache_topk(lambda: tiny_teacher, data, TEACHER, TopKConfig(k=4), storage)
+    half_teacher = copy.deepcopy(tiny_teacher).to(torch.bfloat16)
+    half = cache_topk(lambda: half_teacher, data, {**TEACHER, "dtype": "bfloat16"}, TopKConfig(k=4), storage)
+    assert half.folder != full.folder
+    assert (full.meta["teacher_dtype"], half.meta["teacher_dtype"]) == ("float32", "bfloat16")
+    name = shards_for(full, storage, data.train)[0]
+    _, _, full_lps, _ = read_topk_table(full.open(storage).read_shard(name), 4)
+    _, _, half_lps, _ = read_topk_table(half.open(storage).read_shard(name), 4)
+    np.testing.assert_allclose(half_lps[..., 0], full_lps[..., 0], atol=0.1)  # bfloat16 keeps ~3 digits
