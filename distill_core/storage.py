@@ -3,6 +3,9 @@
 Writes are atomic: a local file is written under a temporary name and renamed; an object store
 PUT is atomic per object. Multi-file artifacts (shards, checkpoints, registry versions) commit by
 writing a manifest last; readers trust only what a manifest lists.
+
+Code that needs a remote folder as local files (a model for transformers) uses :func:`local_copy`,
+which downloads it once into a local cache.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 def fingerprint(obj: Any, length: int = 16) -> str:
@@ -34,12 +39,7 @@ class Storage:
     def __init__(self, root: str, storage_options: dict | None = None):
         self.root = root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
         self.storage_options = dict(storage_options or {})
-        options = dict(self.storage_options)
-        if "://" in self.root and not self.root.startswith("file://"):
-            # Other processes (shard tasks on Dask workers, a concurrent run) write under the same
-            # prefixes, so a cached directory listing would hide their files: always ask the store.
-            options.setdefault("use_listings_cache", False)
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **_fs_options(self.root, self.storage_options))
         self.is_local = "file" in _protocols(self.fs)
 
     def url(self, *parts: str) -> str:
@@ -149,17 +149,11 @@ class Storage:
         return Path(self._path(rel)) if self.is_local else None
 
     def local_dir(self, rel: str) -> Path:
-        """A local folder with the files under ``rel``: the folder itself when the root is local, else a
-        copy downloaded once into the temp directory (keyed by URL)."""
+        """A local folder with the files under ``rel``: the folder itself when the root is local, else
+        its :func:`local_copy`, keyed by the files' sizes and ETags so that changed contents are fetched again."""
         if self.is_local:
             return Path(self._path(rel))
-        import tempfile
-
-        target = Path(tempfile.gettempdir()) / "distillery" / fingerprint(self.url(rel))
-        if not (target / ".complete").exists():
-            self.download_dir(rel, target)
-            (target / ".complete").touch()
-        return target
+        return local_copy(self.url(rel), self)
 
     def bytes_io(self, rel: str) -> io.BytesIO:
         return io.BytesIO(self.read_bytes(rel))
@@ -168,3 +162,77 @@ class Storage:
 def _protocols(fs) -> tuple[str, ...]:
     proto = fs.protocol
     return proto if isinstance(proto, tuple) else (proto,)
+
+
+def _fs_options(url: str, storage_options: dict) -> dict:
+    options = dict(storage_options)
+    if "://" in url and not url.startswith("file://"):
+        # Other processes (shard tasks on Dask workers, a concurrent run) write under the same
+        # prefixes, so a cached directory listing would hide their files: always ask the store.
+        options.setdefault("use_listings_cache", False)
+    return options
+
+
+# -- local copies of remote folders ----------------------------------------------------------------
+def fs_for(url: str, storage: Storage | None = None):
+    """Filesystem and path for ``url``; uses the storage's options (credentials, endpoint) for its protocol."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    same = storage is not None and "://" in storage.root and storage.root.split("://", 1)[0] == protocol
+    return fsspec.core.url_to_fs(url, **_fs_options(url, storage.storage_options if same else {}))
+
+
+def list_files(fs, root: str) -> dict[str, str]:
+    """``{relative posix name: full path}`` of the files under ``root``, skipping dot-files and dot-folders."""
+    root = root.rstrip("/")
+    out = {}
+    for full in fs.find(root):
+        rel = full[len(root) + 1 :] if full.startswith(root + "/") else os.path.relpath(full, root)
+        if not any(part.startswith(".") for part in rel.split("/")):
+            out[rel] = full
+    return dict(sorted(out.items()))
+
+
+def is_weight(name: str) -> bool:
+    """Whether ``name`` is a model weight file (by suffix), which a copy without weights skips."""
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+def local_copy(url: str, storage: Storage | None = None, key: str | None = None, *, weights: bool = True) -> Path:
+    """Local cached copy of the folder at fsspec ``url``, in ``<cache>/<key>``; returns that folder.
+
+    The cache is ``$DISTILLERY_CACHE``, else ``~/.cache/distillery``. ``key`` names the copy (a folder
+    relative to the cache) and must change when the contents do, e.g. ``teachers/<fingerprint>``; by
+    default it is ``copies/<hash of the URL and every file's size and modification time or ETag>``.
+    Without ``weights`` only the small files (config, tokenizer) are fetched. ``storage`` lends its
+    options (credentials, endpoint) when ``url`` has its protocol. Raises FileNotFoundError when
+    ``url`` is not a folder.
+    """
+    fs, root = fs_for(url, storage)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"folder {url} does not exist")
+    if key is None:
+        listing = {rel: fs.info(full) for rel, full in list_files(fs, root).items()}
+        key = "copies/" + fingerprint({"url": url, "files": listing})
+    cache = os.environ.get("DISTILLERY_CACHE") or Path.home() / ".cache" / "distillery"
+    return _download(fs, root, Path(cache) / key, weights=weights)
+
+
+def _download(fs, root: str, dest: Path, *, weights: bool) -> Path:
+    """Copy the folder at ``root`` (only its non-weight files unless ``weights``) into ``dest``, once.
+
+    Each file is written under a temporary name and renamed; a ``.complete-{all,meta}`` flag written
+    after the files makes an interrupted download redo itself.
+    """
+    flag = dest / (".complete-all" if weights else ".complete-meta")
+    if flag.exists() or (dest / ".complete-all").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel, full in list_files(fs, root).items():
+        if weights or not is_weight(rel):
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+            fs.get_file(full, str(tmp))
+            os.replace(tmp, target)
+    flag.write_text("")
+    return dest

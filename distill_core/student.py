@@ -17,8 +17,8 @@ from torch import nn
 
 from distill_core.config import StudentConfig
 from distill_core.errors import TeacherError
-from distill_core.storage import Storage
-from distill_core.teacher.load import local_copy, tokenizer_hash
+from distill_core.storage import Storage, local_copy
+from distill_core.teacher.load import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,12 @@ def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_to
 
     folder: str | Path = path_or_id
     if "://" in path_or_id:
-        folder = local_copy(path_or_id, storage)
+        try:
+            folder = local_copy(path_or_id, storage)
+        except FileNotFoundError as e:
+            raise TeacherError(
+                f"student.pretrained {path_or_id} does not exist: point it at a folder saved with save_pretrained."
+            ) from e
     elif Path(path_or_id).expanduser().exists():
         folder = Path(path_or_id).expanduser()
     try:

@@ -42,6 +42,14 @@ def build_tiny_gpt2(vocab_size: int, n_layer: int = 4, n_embd: int = 32, seed: i
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _local_cache(tmp_path_factory):
+    """Local copies of remote folders (``$DISTILLERY_CACHE``) go to a temporary folder, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTILLERY_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -16,26 +16,30 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 
 from distill_core.errors import TeacherError
-from distill_core.storage import Storage, fingerprint as json_fingerprint
+from distill_core.storage import (
+    WEIGHT_SUFFIXES,
+    Storage,
+    fingerprint as json_fingerprint,
+    fs_for,
+    is_weight,
+    list_files,
+    local_copy,
+)
 from distill_core.version import CODE_VERSION
 
 log = logging.getLogger(__name__)
 
 MARKER = "teacher.json"  # written last into teachers/<fingerprint>/
 MARKER_VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _CHUNK = 1 << 20
 
 
@@ -196,19 +200,19 @@ def _resolve_path(path: str, storage: Storage) -> TeacherRef:
     is_url = "://" in path
     shown = path if is_url else str(Path(path).expanduser().resolve())
     fix = "point teacher.path at a folder saved with save_pretrained (model and tokenizer)."
-    fs, root = _fs_for(shown, storage)
+    fs, root = fs_for(shown, storage)
     if not fs.isdir(root):
         raise TeacherError(f"teacher path {shown} does not exist: {fix}")
-    files = _list_files(fs, root)
+    files = list_files(fs, root)
     if "config.json" not in files:
         raise TeacherError(f"teacher path {shown} has no config.json: {fix}")
-    if not any(_is_weight(name) for name in files):
+    if not any(is_weight(name) for name in files):
         raise TeacherError(f"teacher path {shown} has no weight files ({', '.join(WEIGHT_SUFFIXES)}): {fix}")
 
     local = _is_local(fs)
-    digests = {name: _file_digest(fs, full, etag_ok=not local and _is_weight(name)) for name, full in files.items()}
+    digests = {name: _file_digest(fs, full, etag_ok=not local and is_weight(name)) for name, full in files.items()}
     fp = json_fingerprint({"files": digests})
-    meta_dir = Path(root) if local else _download(fs, root, _cache_dir(fp), weights=False)
+    meta_dir = Path(root) if local else local_copy(shown, storage, _cache_key(fp), weights=False)
     return _ref_from_folder(meta_dir, source=f"path:{shown}", path=shown, fingerprint=fp)
 
 
@@ -377,31 +381,9 @@ def _num_layers(config) -> int:
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _fs_for(url: str, storage: Storage | None):
-    """Filesystem and path for ``url``; uses the storage's options (credentials, endpoint) for its protocol."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    same = storage is not None and "://" in storage.root and storage.root.split("://", 1)[0] == protocol
-    return fsspec.core.url_to_fs(url, **(storage.storage_options if same else {}))
-
-
 def _is_local(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols
-
-
-def _list_files(fs, root: str) -> dict[str, str]:
-    """``{relative posix name: full path}`` of the files under ``root``, skipping dot-files and dot-folders."""
-    root = root.rstrip("/")
-    out = {}
-    for full in fs.find(root):
-        rel = full[len(root) + 1 :] if full.startswith(root + "/") else os.path.relpath(full, root)
-        if not any(part.startswith(".") for part in rel.split("/")):
-            out[rel] = full
-    return dict(sorted(out.items()))
-
-
-def _is_weight(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES)
 
 
 def _file_digest(fs, path: str, *, etag_ok: bool) -> str:
@@ -425,9 +407,10 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cache_dir(fp: str) -> Path:
-    root = os.environ.get("DISTILLERY_CACHE") or Path.home() / ".cache" / "distillery"
-    return Path(root) / "teachers" / fp
+def _cache_key(fp: str) -> str:
+    """Where a remote teacher is copied under the local cache (see :func:`local_copy`); resolving
+    fetches its config and tokenizer there, loading adds the weights."""
+    return f"teachers/{fp}"
 
 
 def _local_folder(ref: TeacherRef, storage: Storage, *, weights: bool) -> Path:
@@ -436,50 +419,16 @@ def _local_folder(ref: TeacherRef, storage: Storage, *, weights: bool) -> Path:
         if not Path(ref.path, "config.json").is_file():
             raise TeacherError(f"teacher folder {ref.path} is gone or incomplete: resolve the teacher again.")
         return Path(ref.path)
-    return local_copy(ref.path, storage, ref.fingerprint, weights=weights)
-
-
-def local_copy(url: str, storage: Storage | None, key: str | None = None, *, weights: bool = True) -> Path:
-    """Local cached copy of the folder at fsspec ``url`` (under ``$DISTILLERY_CACHE``/teachers/).
-
-    ``key`` names the copy and must change when the contents do (a fingerprint); by default it is
-    a hash of the URL and every file's size and modification time or ETag. Without ``weights`` only
-    the small files (config, tokenizer) are fetched.
-    """
-    fs, root = _fs_for(url, storage)
-    if not fs.isdir(root):
-        raise TeacherError(f"folder {url} does not exist: point at a folder saved with save_pretrained.")
-    if key is None:
-        listing = {rel: fs.info(full) for rel, full in _list_files(fs, root).items()}
-        key = "copy-" + json_fingerprint({"url": url, "files": listing})
-    return _download(fs, root, _cache_dir(key), weights=weights)
-
-
-def _download(fs, root: str, dest: Path, *, weights: bool) -> Path:
-    """Copy the folder at ``root`` (only its non-weight files unless ``weights``) into ``dest``, once.
-
-    A ``.complete-{all,meta}`` flag written after the files makes an interrupted download redo itself.
-    """
-    flag = dest / (".complete-all" if weights else ".complete-meta")
-    if flag.exists() or (dest / ".complete-all").exists():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    for rel, full in _list_files(fs, root).items():
-        if weights or not _is_weight(rel):
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-            fs.get_file(full, str(tmp))
-            os.replace(tmp, target)
-    flag.write_text("")
-    return dest
+    try:
+        return local_copy(ref.path, storage, _cache_key(ref.fingerprint), weights=weights)
+    except FileNotFoundError as e:
+        raise TeacherError(f"teacher folder {ref.path} is gone: resolve the teacher again.") from e
 
 
 __all__ = [
     "TeacherRef",
     "compute_dtype",
     "embedded_gguf_path",
-    "local_copy",
     "load_teacher",
     "load_tokenizer",
     "resolve_teacher",

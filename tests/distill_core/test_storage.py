@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from distill_core.storage import Storage, fingerprint
+from distill_core.storage import Storage, fingerprint, local_copy
 
 
 def test_fingerprint_is_order_independent_and_content_sensitive():
@@ -40,3 +42,45 @@ def test_s3_root_reads_and_writes(s3_storage):
     assert s3_storage.read_json("m/manifest.json") == {"k": 1}
     assert s3_storage.listdir("m") == ["manifest.json"]
     assert s3_storage.local_dir("m").joinpath("manifest.json").exists()
+
+
+def test_local_dir_of_a_local_root_is_the_folder_itself(tmp_path):
+    storage = Storage(str(tmp_path))
+    assert storage.local_dir("m") == tmp_path / "m"
+
+
+def test_local_dir_of_a_remote_root_is_downloaded_again_when_the_contents_change(s3_storage, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    s3_storage.write_json("m/config.json", {"layers": 2})
+    first = s3_storage.local_dir("m")
+    assert s3_storage.local_dir("m") == first  # unchanged contents: the same copy, not fetched again
+    assert first.parent == tmp_path / "cache" / "copies"
+
+    s3_storage.write_json("m/config.json", {"layers": 4})
+    second = s3_storage.local_dir("m")
+    assert second != first
+    assert json.loads((second / "config.json").read_text()) == {"layers": 4}
+    assert json.loads((first / "config.json").read_text()) == {"layers": 2}
+
+
+def test_local_dir_of_a_missing_remote_folder_raises(s3_storage, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        s3_storage.local_dir("missing")
+
+
+def test_local_copy_without_weights_skips_weight_files(s3_storage, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    s3_storage.write_bytes("model/config.json", b"{}")
+    s3_storage.write_bytes("model/model.safetensors", b"weights")
+    s3_storage.write_bytes("model/.hidden", b"skipped")
+    url = s3_storage.url("model")
+
+    meta = local_copy(url, s3_storage, "teachers/abc", weights=False)
+    assert meta == tmp_path / "cache" / "teachers" / "abc"
+    assert sorted(p.name for p in meta.iterdir()) == [".complete-meta", "config.json"]
+
+    full = local_copy(url, s3_storage, "teachers/abc")  # the same key gains the weights
+    assert full == meta
+    assert (full / "model.safetensors").read_bytes() == b"weights"
+    assert (full / ".complete-all").is_file() and not (full / ".hidden").exists()
