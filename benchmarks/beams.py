@@ -5,12 +5,12 @@ a second, whatever the beam count (each step of one prompt advances all of its b
 disabled in both loops, so every beam runs exactly ``--new-tokens`` steps and the work is equal.
 Same model, same prompts, same batches (length-bucketed, left-padded); one warm-up run each, then
 ``--repeats`` timed runs, alternating between the loops (best kept), in one process. The header
-also reports how often the best candidate of the two loops agrees (ids), as a check that both did
-the same search.
+also reports how often each loop's best candidate (ids) equals generate's, as a check that all did
+the same search. ``--static-cache`` and ``--compile`` add the fixed-shape and compiled paths.
 
     python benchmarks/beams.py                            # small CPU sizes, < 2 min on 2 cores
-    python benchmarks/beams.py --device cuda --dtype bfloat16 --batch-size 16 --prompts 64 \
-        --new-tokens 128 --model gpt2-124m-random
+    python benchmarks/beams.py --device cuda --dtype bfloat16 --batch-size 128 --prompts 128 \
+        --new-tokens 128 --model gpt2-124m-random --static-cache --compile
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--static-cache", action="store_true", help="also time beam_search(static_cache=True)")
+    parser.add_argument("--compile", action="store_true", help="also time beam_search(static_cache=True, compile=True)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,20 +67,32 @@ def main() -> None:
     def run_generate():
         found["generate"] = generate_beams(model, prompts, new_tokens=args.new_tokens, device=args.device, **kw)
 
-    def run_ours():
-        out = beam_search(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0, **kw)
-        found["ours"] = [candidates[0].completion_ids for candidates in out]
+    def ours(name: str, **options):
+        def run():
+            out = beam_search(model, prompts, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0, **kw, **options)
+            found[name] = [candidates[0].completion_ids for candidates in out]
+
+        return run
 
     name_generate = f"model.generate(num_beams={args.num_beams}, num_return_sequences={args.num_beams})"
-    seconds = time_loops({name_generate: run_generate, "beam_search()": run_ours}, args.device, args.repeats)
-    agree = sum(a == b for a, b in zip(found["generate"], found["ours"])) / len(prompts)
+    loops = {name_generate: run_generate, "beam_search()": ours("beam_search()")}
+    if args.static_cache:
+        loops["beam_search(static_cache=True)"] = ours("beam_search(static_cache=True)", static_cache=True)
+    if args.compile:
+        name = "beam_search(static_cache=True, compile=True)"
+        loops[name] = ours(name, static_cache=True, compile=True)
+    seconds = time_loops(loops, args.device, args.repeats)
+    agree = ", ".join(
+        f"{name} {sum(a == b for a, b in zip(found['generate'], best)) / len(prompts):.0%}"
+        for name, best in found.items() if name != "generate"
+    )
     work = args.prompts * args.new_tokens
     base = seconds[name_generate]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"model={args.model} dtype={args.dtype} device={device_name} prompts={args.prompts} "
         f"batch_size={args.batch_size} (prompts) num_beams={args.num_beams} new_tokens={args.new_tokens} "
-        f"prompt_len<={args.prompt_len} torch={torch.__version__}; best candidate identical for {agree:.0%} of prompts"
+        f"prompt_len<={args.prompt_len} torch={torch.__version__}; best candidate identical to generate's for: {agree}"
     )
     rows = [(name, f"{work}", f"{s:.2f}", f"{work / s:,.0f}", f"{base / s:.2f}x") for name, s in seconds.items()]
     print(table(rows, ("loop", "prompts x new tokens", "seconds", "prompt-tok/s", "vs generate")))

@@ -108,6 +108,12 @@ class BeamsConfig(_Model):
     max_new_tokens: int = Field(32, ge=1, le=4096)
     length_penalty: float = Field(1.0, ge=0.0, le=5.0, description="score = sum logprob / n_tokens ** length_penalty.")
     batch_size: int = Field(8, ge=1, description="Prompts per beam-search batch.")
+    decode: Literal["dynamic", "static", "compiled"] = Field(
+        "dynamic",
+        description="How the teacher decodes (the candidates are the same): dynamic: a growing KV cache that drops "
+        "finished prompts; static: a preallocated cache of fixed shape; compiled: static plus torch.compile, with "
+        "CUDA graphs on a GPU.",
+    )
 
 
 # -- student and training --------------------------------------------------------------------------

@@ -10,7 +10,10 @@ A hand-written batched beam search over the model's KV cache, following transfor
   with n_tokens counting the EOS token) and is done once it holds ``N`` of them (early stopping);
 * at ``max_new_tokens`` the best ``N`` continuations are all finished;
 * the cache is reordered by parent beam each step (``Cache.reorder_cache``); the search exits when
-  every prompt is done, and drops done prompts from the batch at each sync.
+  every prompt is done, and drops done prompts from the batch at each sync;
+* optionally (``static_cache``) it decodes into a preallocated static cache of fixed shape, optionally
+  compiled (``compile``: CUDA graphs on a GPU); done prompts then stay in the batch, and the reorder
+  copies only the generated slots in place, since every beam of a prompt holds the same prompt.
 
 Beams start from one prefill per prompt whose cache rows are repeated ``N`` times; as in
 ``generate``, only the first copy starts with score 0 (the others start at -1e9), so the first step
@@ -26,6 +29,7 @@ import torch
 
 from distill_core.teacher.decode import (
     CallSpec,
+    StaticPlan,
     last_logits,
     left_pad,
     length_buckets,
@@ -69,6 +73,8 @@ def beam_search(
     pad_token_id: int,
     batch_size: int,
     sync_every: int = 4,
+    static_cache: bool = False,
+    compile: bool = False,
 ) -> list[list[BeamCandidate]]:
     """Beam-search ``prompts`` with ``model`` (eval mode, any device).
 
@@ -79,6 +85,8 @@ def beam_search(
         pad_token_id: fills the left padding; never attended to.
         batch_size: prompts per batch; a batch decodes ``batch_size * num_beams`` rows.
         sync_every: steps between the CPU syncs that check for done prompts.
+        static_cache / compile: as for ``sample``: a fixed-shape static cache, and decode steps through
+            ``torch.compile`` (CUDA graphs on a GPU). The candidates are the same.
 
     Returns:
         Per prompt, in prompt order, its ``num_beams`` candidates sorted best score first.
@@ -87,16 +95,23 @@ def beam_search(
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if sync_every < 1:
         raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    if compile and not static_cache:
+        raise ValueError("compile=True needs static_cache=True (the dynamic cache changes shape every step)")
     if not prompts:
         return []
     validate_prompts(prompts, max_new_tokens, model)
     spec = CallSpec(model)
+    buckets = length_buckets([len(p) for p in prompts], batch_size)
+    static = None
+    if static_cache:
+        cache_len = max(len(p) for p in prompts) + max_new_tokens
+        static = StaticPlan(model, rows=len(buckets[0]) * num_beams, cache_len=cache_len, compile=compile)
     out: list[list[BeamCandidate] | None] = [None] * len(prompts)
     with torch.inference_mode():
-        for idx in length_buckets([len(p) for p in prompts], batch_size):
+        for idx in buckets:
             found = _beam_batch(
                 model, spec, [prompts[i] for i in idx], num_beams, max_new_tokens, length_penalty,
-                eos_token_id, pad_token_id, sync_every,
+                eos_token_id, pad_token_id, sync_every, static,
             )
             for i, candidates in zip(idx, found):
                 out[i] = candidates
@@ -113,22 +128,31 @@ def _beam_batch(
     eos: int | None,
     pad_token_id: int,
     sync_every: int,
+    static: StaticPlan | None,
 ) -> list[list[BeamCandidate]]:
     device = model_device(model)
+    n_real = len(prompts)
+    if static is not None and n_real * n < static.rows:
+        # Pad the last, smaller batch with copies of its first prompt (outputs dropped) to keep shapes fixed.
+        prompts = prompts + [prompts[0]] * (static.rows // n - n_real)
     padded = left_pad(prompts, pad_token_id, device)
     n_prompts, width = padded.input_ids.shape
 
-    cache = new_dynamic_cache(model)
-    logits = last_logits(model, spec, cache, padded.input_ids, padded.attention_mask, padded.position_ids, 0)
-    cache.batch_repeat_interleave(n)
-    logprobs = torch.log_softmax(logits, dim=-1).repeat_interleave(n, dim=0)  # [P*N, V]
+    # The static path passes the whole mask each step (the causal mask hides unwritten slots).
+    mask = torch.ones((n_prompts * n, static.cache_len if static else width + steps), dtype=torch.long, device=device)
+    mask[:, :width] = padded.attention_mask.repeat_interleave(n, dim=0)
+    positions = padded.lengths.repeat_interleave(n)
+    if static is None:
+        cache = new_dynamic_cache(model)
+        logits = last_logits(model, spec, cache, padded.input_ids, padded.attention_mask, padded.position_ids, 0)
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+    else:
+        logits = static.prefill(model, spec, padded, n, mask)
+    logprobs = torch.log_softmax(logits, dim=-1)  # [P*N, V]
     vocab = logprobs.shape[-1]
     if 2 * n > n * vocab:
         raise ValueError(f"num_beams={n} needs a vocabulary of at least 2 tokens")
-
-    mask = torch.ones((n_prompts * n, width + steps), dtype=torch.long, device=device)
-    mask[:, :width] = padded.attention_mask.repeat_interleave(n, dim=0)
-    positions = padded.lengths.repeat_interleave(n)
     running = torch.full((n_prompts, n), _DEAD_BEAM, device=device)
     running[:, 0] = 0.0
     running = running.view(-1)
@@ -148,6 +172,7 @@ def _beam_batch(
     active = torch.arange(n_prompts, device=device)  # prompt slot of each live prompt, in row order
     beam_offset = torch.arange(n_prompts, device=device)[:, None] * n
     top_n = torch.arange(2 * n, device=device) < n
+    real = torch.arange(n_prompts, device=device) < n_real  # the static path's padding prompts are never open
 
     for t in range(steps):
         n_live = active.numel()
@@ -189,25 +214,41 @@ def _beam_batch(
         tokens = cand_token.gather(1, pick).view(-1)
 
         if eos is not None and (t + 1) % sync_every == 0:
-            open_prompts = ~fin_valid[active].all(dim=-1)
+            open_prompts = ~fin_valid[active].all(dim=-1) & real[active]
             n_open = int(open_prompts.sum())  # CPU-GPU sync point, once every sync_every steps
             if n_open == 0:
                 break
-            if n_open < n_live:
+            if static is None and n_open < n_live:
                 rows_kept = open_prompts.repeat_interleave(n)
                 active = active[open_prompts]
                 running, parents, tokens = running[rows_kept], parents[rows_kept], tokens[rows_kept]
         token_hist.append(tokens)
         parent_hist.append(parents)
 
-        cache.reorder_cache(parents)
-        mask, positions = mask[parents], positions[parents]
         past = width + t
-        logits = last_logits(model, spec, cache, tokens[:, None], mask[:, : past + 1], positions[:, None], past)
+        if static is None:
+            cache.reorder_cache(parents)
+            mask, positions = mask[parents], positions[parents]
+            logits = last_logits(model, spec, cache, tokens[:, None], mask[:, : past + 1], positions[:, None], past)
+        else:
+            # Parents stay within their prompt, whose rows share the mask and positions: only the
+            # generated cache slots differ between beams.
+            _reorder_generated(static.cache, parents, width, past)
+            logits = static.decode(spec, tokens, mask, positions, past)
         logprobs = torch.log_softmax(logits, dim=-1)
         positions = positions + 1
 
-    return _walk_back(fin_score, fin_sum, fin_step, fin_row, fin_token, token_hist, parent_hist)
+    return _walk_back(fin_score, fin_sum, fin_step, fin_row, fin_token, token_hist, parent_hist)[:n_real]
+
+
+def _reorder_generated(cache, parents: torch.Tensor, start: int, end: int) -> None:
+    """Give every row its parent beam's cache slots [start, end) (the generated tokens), in place, so
+    the static cache keeps its tensors (a CUDA graph reads them by address). ``parents`` [rows]."""
+    if end <= start:
+        return
+    for layer in cache.layers:
+        layer.keys[:, :, start:end] = layer.keys[parents, :, start:end]
+        layer.values[:, :, start:end] = layer.values[parents, :, start:end]
 
 
 def _walk_back(fin_score, fin_sum, fin_step, fin_row, fin_token, token_hist, parent_hist) -> list[list[BeamCandidate]]:

@@ -24,7 +24,8 @@ def beams_job(cfg: BeamsConfig, teacher: dict, data: DataRef) -> ShardJob:
     def compute(model, seq_ids: np.ndarray, input_ids: np.ndarray, data_sha: str) -> pa.Table:
         prompts = prompts_of(input_ids, cfg.prompt_len)
         beams = beam_search(model, prompts, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                            length_penalty=cfg.length_penalty, eos_token_id=p.eos, pad_token_id=p.pad, batch_size=cfg.batch_size)
+                            length_penalty=cfg.length_penalty, eos_token_id=p.eos, pad_token_id=p.pad, batch_size=cfg.batch_size,
+                            static_cache=cfg.decode != "dynamic", compile=cfg.decode == "compiled")
         rows = [(i, c) for i, cands in enumerate(beams) for c in cands]
         return pa.table({
             "prompt_id": pa.array([int(seq_ids[i]) for i, _ in rows], pa.int64()),

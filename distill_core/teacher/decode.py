@@ -12,6 +12,7 @@ deprecated alias until 5.40) and dropped ``cache_position``; ``CallSpec`` reads 
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -155,10 +156,60 @@ def last_logits(
     static cache. Only the last column's logits are computed where the model allows it
     (``logits_to_keep=1``), so a prefill never materialises [B, L, V].
     """
-    if input_ids.shape[1] == 1 and spec.decode_mask_4d:
+    if input_ids.shape[1] == 1 and spec.decode_mask_4d and attention_mask.shape[1] == past_len + 1:
         # transformers uses a 4D mask as given, skipping its per-forward `padding_mask.all()` check, a
-        # CPU-GPU sync every step. A single query at the newest position needs no causal part.
+        # CPU-GPU sync every step. A single query at the newest position needs no causal part when
+        # the mask covers exactly the written slots (not a static cache's unwritten ones).
         attention_mask = attention_mask[:, None, None, :].bool()
     out = model(**spec.kwargs(cache, input_ids, attention_mask, position_ids, past_len, last_only=True))
     return out.logits[:, -1, :].float()
 
+
+
+class StaticPlan:
+    """A ``StaticCache`` and decode step shared by every batch of one ``sample``/``beam_search`` call,
+    so that shapes never change (every batch is padded to ``rows`` and ``cache_len``).
+
+    The cache and the compiled step are kept per model (one of each, like ``generate``'s own static
+    cache) and reused by later calls of the same shape, so repeated calls neither re-allocate the
+    cache nor re-capture CUDA graphs. The cache's memory stays allocated while the model lives.
+    """
+
+    _per_model: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: torch.nn.Module, rows: int, cache_len: int, compile: bool):
+        from transformers import StaticCache
+
+        self.rows, self.cache_len = rows, cache_len
+        kept = self._per_model.setdefault(model, {})
+        weight = next(model.parameters())
+        shape = (rows, cache_len, weight.dtype, weight.device)
+        if kept.get("shape") != shape:
+            kept["shape"], kept["cache"] = shape, StaticCache(config=model.config, max_cache_len=cache_len)
+        self.cache = kept["cache"]
+        self.step = model
+        if compile:
+            if "compiled" not in kept:
+                mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
+                kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
+            self.step = kept["compiled"]
+        self.cuda_graphs = compile and model_device(model).type == "cuda"
+
+    def prefill(self, model: torch.nn.Module, spec: CallSpec, padded: PaddedBatch, repeats: int, mask: torch.Tensor) -> torch.Tensor:
+        """Empty the cache and prefill each prompt ``repeats`` times (static layers cannot repeat rows
+        afterwards); ``mask`` [rows, cache_len]. Eager. Returns float32 logits [rows, V]."""
+        self.cache.reset()
+        return last_logits(
+            model, spec, self.cache, padded.input_ids.repeat_interleave(repeats, dim=0), mask,
+            padded.position_ids.repeat_interleave(repeats, dim=0), 0,
+        )
+
+    def decode(self, spec: CallSpec, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: int) -> torch.Tensor:
+        """Append ``tokens`` [rows] at ``positions`` [rows]; returns float32 logits [rows, V].
+
+        ``mask`` is the whole [rows, cache_len] mask: the causal mask hides the slots not written yet."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.step(**spec.kwargs(self.cache, tokens[:, None], mask, positions[:, None], past, last_only=True))
+        # Clone: a CUDA-graph replay overwrites its outputs on the next step.
+        return out.logits[:, -1, :].float().clone()

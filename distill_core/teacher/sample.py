@@ -23,7 +23,6 @@ share a generator); greedy settings (``top_k=1`` or ``temperature=0``) do not.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +31,7 @@ import torch
 from distill_core.losses.divergence import topk_targets_from_logits
 from distill_core.teacher.decode import (
     CallSpec,
+    StaticPlan,
     batch_generator,
     last_logits,
     left_pad,
@@ -133,7 +133,7 @@ def sample(
     static = None
     if static_cache:
         # One cache shape for every batch: most rows and the longest prompt plus the new tokens.
-        static = _StaticPlan(
+        static = StaticPlan(
             model,
             rows=len(buckets[0]) * num_samples,
             cache_len=max(len(p) for p in prompts) + max_new_tokens,
@@ -196,35 +196,6 @@ def _next_tokens(
     return (scores - noise).argmax(dim=-1)
 
 
-class _StaticPlan:
-    """A StaticCache and decode step shared by every batch of one ``sample`` call, so shapes never change.
-
-    The cache and the compiled step are kept per model (one of each, like ``generate``'s own static
-    cache) and reused by later calls of the same shape, so repeated calls neither re-allocate the
-    cache nor re-capture CUDA graphs. The cache's memory stays allocated while the model lives.
-    """
-
-    _per_model: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-    def __init__(self, model: torch.nn.Module, rows: int, cache_len: int, compile: bool):
-        from transformers import StaticCache
-
-        self.rows, self.cache_len = rows, cache_len
-        kept = self._per_model.setdefault(model, {})
-        weight = next(model.parameters())
-        shape = (rows, cache_len, weight.dtype, weight.device)
-        if kept.get("shape") != shape:
-            kept["shape"], kept["cache"] = shape, StaticCache(config=model.config, max_cache_len=cache_len)
-        self.cache = kept["cache"]
-        self.step = model
-        if compile:
-            if "compiled" not in kept:
-                mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
-                kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
-            self.step = kept["compiled"]
-        self.cuda_graphs = compile and model_device(model).type == "cuda"
-
-
 def _sample_batch(
     model: torch.nn.Module,
     spec: CallSpec,
@@ -234,7 +205,7 @@ def _sample_batch(
     max_new_tokens: int,
     knobs: _Knobs,
     gen: torch.Generator,
-    static: _StaticPlan | None,
+    static: StaticPlan | None,
 ) -> list[SampleResult]:
     device = model_device(model)
     n_prompts, steps, eos = len(prompts), max_new_tokens, knobs.eos_token_id
@@ -260,18 +231,7 @@ def _sample_batch(
         cache.batch_repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
     else:
-        # Static layers cannot repeat rows, so the static path prefills the repeated prompts.
-        cache = static.cache
-        cache.reset()
-        logits = last_logits(
-            model,
-            spec,
-            cache,
-            padded.input_ids.repeat_interleave(num_samples, dim=0),
-            mask,
-            padded.position_ids.repeat_interleave(num_samples, dim=0),
-            0,
-        )
+        logits = static.prefill(model, spec, padded, num_samples, mask)
 
     # Outputs, indexed by original row; `live` maps the batch's current rows to original rows.
     out_ids = torch.full((rows, steps), knobs.pad_token_id, dtype=torch.long, device=device)
@@ -332,11 +292,7 @@ def _sample_batch(
         if static is None:
             logits = last_logits(model, spec, cache, tokens[:, None], mask[:, : past + 1], positions[:, None], past)
         else:
-            if static.cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            out = static.step(**spec.kwargs(cache, tokens[:, None], mask, positions[:, None], past, last_only=True))
-            # Clone: a CUDA-graph replay overwrites its outputs on the next step.
-            logits = out.logits[:, -1, :].float().clone()
+            logits = static.decode(spec, tokens, mask, positions, past)
         positions = positions + 1
 
     # One device-to-host copy per tensor per batch.

@@ -66,11 +66,31 @@ def test_matches_generate_beams(model_kind, length_penalty, tiny_teacher, tiny_t
     eos = midway_eos(model, prompts, length_penalty)
     kw = dict(num_beams=3, max_new_tokens=8, length_penalty=length_penalty, eos_token_id=eos)
     expected = generate_beams(model, prompts, **kw)
-    for batch_size in (5, 2):  # one batch padded like generate's, and length buckets
-        found = beam_search(model, prompts, pad_token_id=PAD, batch_size=batch_size, **kw)
+    # one batch padded like generate's, and length buckets (the static cache pads the last batch of 1)
+    for batch_size, static_cache in [(5, False), (2, False), (2, True)]:
+        found = beam_search(model, prompts, pad_token_id=PAD, batch_size=batch_size, static_cache=static_cache, **kw)
+        assert len(found) == len(prompts)
         for candidates, beams in zip(found, expected):
             assert [c.completion_ids for c in candidates] == [ids for ids, _ in beams]
             torch.testing.assert_close([c.score for c in candidates], [s for _, s in beams], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
+def test_compiled_beam_step_is_one_graph_and_finds_the_same_candidates(model_kind, tiny_teacher, make_prompts, tiny_llama):
+    from torch._dynamo.utils import counters
+
+    model = tiny_teacher if model_kind == "gpt2" else tiny_llama
+    prompts = make_prompts(5, seed=1)
+    kw = dict(num_beams=3, max_new_tokens=8, eos_token_id=midway_eos(model, prompts), pad_token_id=PAD, batch_size=2)
+    eager = beam_search(model, prompts, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = beam_search(model, prompts, static_cache=True, compile=True, **kw)
+    for a, b in zip(compiled, eager):
+        assert [c.completion_ids for c in a] == [c.completion_ids for c in b]
+        torch.testing.assert_close([c.score for c in a], [c.score for c in b], atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
 
 
 def test_candidates_are_sorted_and_scored(tiny_teacher, tiny_tokenizer, make_prompts):

@@ -107,21 +107,27 @@ def test_a_cache_from_other_settings_or_teacher_is_refused_naming_the_difference
         wider.open(storage)
 
 
-def test_decode_kind_changes_neither_the_address_nor_the_samples(prepared, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("kind", ["samples", "beams"])
+def test_decode_kind_changes_neither_the_address_nor_the_rows(kind, prepared, tiny_teacher, tmp_path):
     storage, data = prepared
-    base = dict(prompt_len=8, num_prompts=6, num_samples=2, max_new_tokens=5, batch_size=4)
-    dynamic = run_all(samples_job(SamplesConfig(**base), TEACHER, data), lambda: tiny_teacher, data, storage)
+    if kind == "samples":
+        base = dict(prompt_len=8, num_prompts=6, num_samples=2, max_new_tokens=5, batch_size=4)
+        job = lambda decode: samples_job(SamplesConfig(**base, decode=decode), TEACHER, data)  # noqa: E731
+        value = "token_logprobs"
+    else:
+        base = dict(prompt_len=8, num_prompts=6, num_beams=3, max_new_tokens=4, batch_size=4)
+        job = lambda decode: beams_job(BeamsConfig(**base, decode=decode), TEACHER, data)  # noqa: E731
+        value = "score"
+    dynamic = run_all(job("dynamic"), lambda: tiny_teacher, data, storage)
     other = Storage(str(tmp_path / "other"))
     other.upload_dir(storage.local_path(data.folder), data.folder)
-    static = run_all(samples_job(SamplesConfig(**base, decode="static"), TEACHER, data), lambda: tiny_teacher, data, other)
+    static = run_all(job("static"), lambda: tiny_teacher, data, other)
     assert static.folder == dynamic.folder
     for name in shards_for(dynamic, storage, data.train, rows=6):
         a, b = dynamic.open(storage).read_shard(name), static.open(other).read_shard(name)
         assert a["completion_ids"].to_pylist() == b["completion_ids"].to_pylist()
-        np.testing.assert_allclose(
-            np.concatenate(a["token_logprobs"].to_numpy(zero_copy_only=False)),
-            np.concatenate(b["token_logprobs"].to_numpy(zero_copy_only=False)), atol=1e-5,
-        )
+        values = [np.hstack(t[value].to_pylist()) for t in (a, b)]  # per-token logprobs or per-candidate scores
+        np.testing.assert_allclose(values[0], values[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["samples", "beams"])

@@ -95,6 +95,10 @@ def test_static_cache_matches_dynamic(model_kind, tiny_teacher, tiny_tokenizer, 
     assert [r.finish_reason for r in static] == [r.finish_reason for r in dynamic]
     for a, b in zip(static, dynamic):
         torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-5, rtol=0)
+    # a batch of one-token prompts: the prefill is a single query, and the static cache's unwritten
+    # slots must stay masked
+    one_token = [[p[0]] for p in prompts]
+    assert completions(run(model, one_token, top_k=1, static_cache=True)) == completions(run(model, one_token, top_k=1))
 
 
 
