@@ -1,6 +1,7 @@
 """Held-out quality of students trained with equal steps by each objective, on the embedded setup.
 
     python benchmarks/quality.py [--config deployments/demo.yaml] [--steps N] [--root DIR] [--only a,b]
+                                 [--validation-sequences N] [--eval-prompts N]
 
 Rows: the teacher; a CE-only student; soft-KD (top-k forward KL + CE); SeqKD (CE on teacher
 samples + CE); SeqKD + soft targets on the samples; beam_top1 (+ CE); beam_top1 + beam_rank (+ CE).
@@ -46,8 +47,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="student steps (default: the config's)")
     parser.add_argument("--root", default=None, help="storage root (default: the config's)")
     parser.add_argument("--only", default=",".join(OBJECTIVES), help="comma-separated objectives to train")
+    parser.add_argument("--validation-sequences", type=int, default=None,
+                        help="held-out sequences scored, and the pool of held-out prompts (default: the config's)")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts for sample/beam metrics (default: the config's)")
     args = parser.parse_args()
     cfg = load_config(args.config)
+    if args.validation_sequences:
+        cfg = cfg.model_copy(update={
+            "data": cfg.data.model_copy(update={"max_validation_sequences": args.validation_sequences}),
+            "eval": cfg.eval.model_copy(update={"max_sequences": args.validation_sequences}),
+        })
+    if args.eval_prompts:
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"prompts": args.eval_prompts})})
     if cfg.samples.soft_topk == 0:
         cfg = cfg.model_copy(update={"samples": cfg.samples.model_copy(update={"soft_topk": cfg.topk.k})})
     train_cfg = cfg.train.model_copy(update={"steps": args.steps}) if args.steps else cfg.train

@@ -31,10 +31,9 @@ from distill_core.teacher.decode import (
     CallSpec,
     StaticPlan,
     last_logits,
-    left_pad,
     length_buckets,
     model_device,
-    new_dynamic_cache,
+    start,
     validate_prompts,
 )
 
@@ -132,24 +131,10 @@ def _beam_batch(
 ) -> list[list[BeamCandidate]]:
     device = model_device(model)
     n_real = len(prompts)
-    if static is not None and n_real * n < static.rows:
-        # Pad the last, smaller batch with copies of its first prompt (outputs dropped) to keep shapes fixed.
-        prompts = prompts + [prompts[0]] * (static.rows // n - n_real)
-    padded = left_pad(prompts, pad_token_id, device)
-    n_prompts, width = padded.input_ids.shape
-
-    # The static path passes the whole mask each step (the causal mask hides unwritten slots).
-    mask = torch.ones((n_prompts * n, static.cache_len if static else width + steps), dtype=torch.long, device=device)
-    mask[:, :width] = padded.attention_mask.repeat_interleave(n, dim=0)
-    positions = padded.lengths.repeat_interleave(n)
-    if static is None:
-        cache = new_dynamic_cache(model)
-        logits = last_logits(model, spec, cache, padded.input_ids, padded.attention_mask, padded.position_ids, 0)
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
-    else:
-        logits = static.prefill(model, spec, padded, n, mask)
-    logprobs = torch.log_softmax(logits, dim=-1)  # [P*N, V]
+    started = start(model, spec, prompts, n, steps, pad_token_id, static)
+    width, cache, mask, positions = started.width, started.cache, started.mask, started.positions
+    n_prompts = mask.shape[0] // n  # the static path pads the batch
+    logprobs = torch.log_softmax(started.logits, dim=-1)  # [P*N, V]
     vocab = logprobs.shape[-1]
     if 2 * n > n * vocab:
         raise ValueError(f"num_beams={n} needs a vocabulary of at least 2 tokens")
@@ -233,7 +218,7 @@ def _beam_batch(
         else:
             # Parents stay within their prompt, whose rows share the mask and positions: only the
             # generated cache slots differ between beams.
-            _reorder_generated(static.cache, parents, width, past)
+            _reorder_generated(cache, parents, width, past)
             logits = static.decode(spec, tokens, mask, positions, past)
         logprobs = torch.log_softmax(logits, dim=-1)
         positions = positions + 1

@@ -166,6 +166,59 @@ def last_logits(
 
 
 
+@dataclass
+class Started:
+    """A batch after its prefill, ready for one-token decode steps; ``rows`` = prompts × repeats.
+
+    width: the padded prompt length (the first decode step writes cache slot ``width``).
+    cache: the KV cache holding the prompts, each row repeated ``repeats`` times.
+    logits: float32 [rows, V], the next-token logits of every row.
+    mask: int64 [rows, width + steps] (dynamic) or [rows, cache_len] (static): the prompt mask, then
+        ones for every new token; decode steps pass a view of its first columns (dynamic) or all of it
+        (static, where the causal mask hides the unwritten slots), so nothing is concatenated per step.
+    positions: int64 [rows], the position id of each row's next token.
+    """
+
+    width: int
+    cache: object
+    logits: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+
+def start(
+    model: torch.nn.Module, spec: CallSpec, prompts: Sequence[Sequence[int]], repeats: int, steps: int,
+    pad_token_id: int, static: "StaticPlan | None",
+) -> Started:
+    """Left-pad ``prompts`` and prefill each once, repeating its cache rows ``repeats`` times (samples or beams).
+
+    The static path first pads the batch to the plan's rows with copies of its first prompt (the
+    caller drops their outputs) and prefills the repeated rows, since static layers cannot repeat rows.
+    """
+    if static is not None and len(prompts) * repeats < static.rows:
+        prompts = list(prompts) + [prompts[0]] * (static.rows // repeats - len(prompts))
+    device = model_device(model)
+    padded = left_pad(prompts, pad_token_id, device)
+    width = padded.input_ids.shape[1]
+    total = static.cache_len if static is not None else width + steps
+    mask = torch.ones((len(prompts) * repeats, total), dtype=torch.long, device=device)
+    mask[:, :width] = padded.attention_mask.repeat_interleave(repeats, dim=0)
+    positions = padded.lengths.repeat_interleave(repeats)
+    if static is None:
+        cache = new_dynamic_cache(model)
+        logits = last_logits(model, spec, cache, padded.input_ids, padded.attention_mask, padded.position_ids, 0)
+        cache.batch_repeat_interleave(repeats)
+        logits = logits.repeat_interleave(repeats, dim=0)
+    else:
+        cache = static.cache
+        cache.reset()
+        logits = last_logits(
+            model, spec, cache, padded.input_ids.repeat_interleave(repeats, dim=0), mask,
+            padded.position_ids.repeat_interleave(repeats, dim=0), 0,
+        )
+    return Started(width, cache, logits, mask, positions)
+
+
 class StaticPlan:
     """A ``StaticCache`` and decode step shared by every batch of one ``sample``/``beam_search`` call,
     so that shapes never change (every batch is padded to ``rows`` and ``cache_len``).
@@ -194,15 +247,6 @@ class StaticPlan:
                 kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
             self.step = kept["compiled"]
         self.cuda_graphs = compile and model_device(model).type == "cuda"
-
-    def prefill(self, model: torch.nn.Module, spec: CallSpec, padded: PaddedBatch, repeats: int, mask: torch.Tensor) -> torch.Tensor:
-        """Empty the cache and prefill each prompt ``repeats`` times (static layers cannot repeat rows
-        afterwards); ``mask`` [rows, cache_len]. Eager. Returns float32 logits [rows, V]."""
-        self.cache.reset()
-        return last_logits(
-            model, spec, self.cache, padded.input_ids.repeat_interleave(repeats, dim=0), mask,
-            padded.position_ids.repeat_interleave(repeats, dim=0), 0,
-        )
 
     def decode(self, spec: CallSpec, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: int) -> torch.Tensor:
         """Append ``tokens`` [rows] at ``positions`` [rows]; returns float32 logits [rows, V].

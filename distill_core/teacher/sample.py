@@ -34,10 +34,9 @@ from distill_core.teacher.decode import (
     StaticPlan,
     batch_generator,
     last_logits,
-    left_pad,
     length_buckets,
     model_device,
-    new_dynamic_cache,
+    start,
     validate_prompts,
 )
 
@@ -209,29 +208,9 @@ def _sample_batch(
 ) -> list[SampleResult]:
     device = model_device(model)
     n_prompts, steps, eos = len(prompts), max_new_tokens, knobs.eos_token_id
-    if static is not None and n_prompts * num_samples < static.rows:
-        # Pad the last, smaller batch with copies of its first prompt (outputs dropped) to keep shapes fixed.
-        prompts = prompts + [prompts[0]] * (static.rows // num_samples - n_prompts)
-    padded = left_pad(prompts, knobs.pad_token_id, device)
-    width = padded.input_ids.shape[1]
-    rows = padded.input_ids.shape[0] * num_samples
-
-    # Mask over the whole decode: prompt mask, then ones for every new token. Steps pass a view of
-    # its first columns (dynamic cache) or all of it (static cache, where the causal mask hides the
-    # unwritten slots), so nothing is concatenated per step.
-    total = static.cache_len if static is not None else width + steps
-    mask = torch.ones((rows, total), dtype=torch.long, device=device)
-    mask[:, :width] = padded.attention_mask.repeat_interleave(num_samples, dim=0)
-    positions = padded.lengths.repeat_interleave(num_samples)  # next position id per row
-
-    if static is None:
-        cache = new_dynamic_cache(model)
-        logits = last_logits(model, spec, cache, padded.input_ids, padded.attention_mask, padded.position_ids, 0)
-        # Prefill each prompt once, then give every sample its own copy of the prompt's cache.
-        cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-    else:
-        logits = static.prefill(model, spec, padded, num_samples, mask)
+    started = start(model, spec, prompts, num_samples, steps, knobs.pad_token_id, static)
+    width, cache, logits, mask, positions = started.width, started.cache, started.logits, started.mask, started.positions
+    rows = mask.shape[0]
 
     # Outputs, indexed by original row; `live` maps the batch's current rows to original rows.
     out_ids = torch.full((rows, steps), knobs.pad_token_id, dtype=torch.long, device=device)

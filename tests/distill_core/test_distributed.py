@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from distill_core import train_cli
 from distill_core.batches import Batch
-from distill_core.cache.ref import CacheRef
 from distill_core.config import parse_config
 from distill_core.data import prepare_data
 from distill_core.distributed import World
