@@ -165,7 +165,6 @@ def last_logits(
     return out.logits[:, -1, :].float()
 
 
-
 @dataclass
 class Started:
     """A batch after its prefill, ready for one-token decode steps; ``rows`` = prompts × repeats.
