@@ -77,6 +77,14 @@ class TopKConfig(_Model):
     batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
 
 
+# How the teacher decodes samples or beams; the results are the same, so it is not in a cache's address.
+DecodeKind = Literal["dynamic", "static", "compiled"]
+_DECODE = (
+    "dynamic: a growing KV cache that drops finished {rows}; static: a preallocated cache of fixed shape; "
+    "compiled: static plus torch.compile, with CUDA graphs on a GPU. Changes speed, not the {results}."
+)
+
+
 class SamplesConfig(_Model):
     """Sequence-level KD: the teacher writes continuations of prompts taken from the train data."""
 
@@ -91,12 +99,7 @@ class SamplesConfig(_Model):
     soft_temperature: float = Field(1.0, gt=0.0, le=20.0, description="Temperature of those soft targets.")
     seed: int = Field(0, description="Sampling seed: the same seed gives the same samples.")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch (rows = prompts × num_samples).")
-    decode: Literal["dynamic", "static", "compiled"] = Field(
-        "dynamic",
-        description="How the teacher decodes (the samples are the same): dynamic: a growing KV cache that drops "
-        "finished rows; static: a preallocated cache of fixed shape; compiled: static plus torch.compile, with "
-        "CUDA graphs on a GPU.",
-    )
+    decode: DecodeKind = Field("dynamic", description=_DECODE.format(rows="rows", results="samples"))
 
 
 class BeamsConfig(_Model):
@@ -108,12 +111,7 @@ class BeamsConfig(_Model):
     max_new_tokens: int = Field(32, ge=1, le=4096)
     length_penalty: float = Field(1.0, ge=0.0, le=5.0, description="score = sum logprob / n_tokens ** length_penalty.")
     batch_size: int = Field(8, ge=1, description="Prompts per beam-search batch.")
-    decode: Literal["dynamic", "static", "compiled"] = Field(
-        "dynamic",
-        description="How the teacher decodes (the candidates are the same): dynamic: a growing KV cache that drops "
-        "finished prompts; static: a preallocated cache of fixed shape; compiled: static plus torch.compile, with "
-        "CUDA graphs on a GPU.",
-    )
+    decode: DecodeKind = Field("dynamic", description=_DECODE.format(rows="prompts", results="candidates"))
 
 
 # -- student and training --------------------------------------------------------------------------

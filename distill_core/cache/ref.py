@@ -30,8 +30,8 @@ class CacheRef:
 
 def teacher_cache_ref(kind: str, settings: dict, teacher: dict, data: DataRef) -> CacheRef:
     """The content address of a teacher cache: its kind and stage settings, the teacher and the
-    precision it ran in, tokenizer, sequence length and schema. The data fingerprint is not part of it: shards are keyed by their
-    input shard, so a grown dataset reuses the shards it already has."""
+    precision it ran in, tokenizer, sequence length and schema. The data fingerprint is not part of
+    it: shards are keyed by their input shard, so a grown dataset reuses the shards it already has."""
     from distill_core.cache.shards import SCHEMA_VERSION
     from distill_core.storage import fingerprint
 
