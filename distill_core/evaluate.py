@@ -87,7 +87,7 @@ def load_model(storage: Storage, folder: str):
     """A causal LM saved in Hugging Face format under ``folder`` of the storage root."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(storage.local_dir(folder), torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(storage.local_dir(folder), dtype=torch.float32).eval()
 
 
 def held_out_prompts(storage: Storage, data: DataRef, count: int, prompt_len: int) -> list[list[int]]:
