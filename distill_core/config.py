@@ -204,6 +204,11 @@ class TrainConfig(_Model):
         description="Compute divergences this many token positions at a time, recomputed in backward: bounds the "
         "loss's full-vocabulary memory (e.g. 2048 for 16×1024 batches on GPU). Same values as unchunked.",
     )
+    compile: bool = Field(
+        False,
+        description="Run the student through torch.compile while training: the first steps are slow while it "
+        "compiles, later ones faster, mostly on a GPU. Same losses up to float rounding.",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     seed: int = Field(0)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (bf16 autocast there).")

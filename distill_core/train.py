@@ -130,6 +130,8 @@ def train(
     torch.manual_seed(cfg.seed)
     student.to(device).train()
     model = world.wrap(student)  # forward/backward through DDP; `student` (unwrapped) is what gets saved
+    if cfg.compile:
+        model = torch.compile(model)  # shares `student`'s parameters; batch shapes may vary (dynamic after a recompile)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
     start, history = _resume(student, optimizer, scheduler, storage, out)
@@ -240,7 +242,7 @@ def student_folder(kind: str, student_cfg, train_cfg: TrainConfig, terms: list[L
     """Content address of a trained student: its init, training settings, loss terms and inputs."""
     from distill_core.storage import fingerprint
 
-    train = train_cfg.model_dump(exclude={"baseline", "losses", "device", "loss_chunk_rows"})  # none change the result
+    train = train_cfg.model_dump(exclude={"baseline", "losses", "device", "loss_chunk_rows", "compile"})  # none change the result
     fp = fingerprint({"student": student_cfg.model_dump(), "train": train, "terms": [t.model_dump() for t in terms], **inputs})
     return f"students/{fp}/{kind}"
 

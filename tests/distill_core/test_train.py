@@ -81,6 +81,25 @@ def test_interrupted_training_resumes_to_the_same_weights(setup, tiny_teacher):
     assert again == resumed  # a finished student is returned, not retrained
 
 
+def test_compiled_training_follows_eager(setup, tiny_teacher):
+    storage, batches = setup
+    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")
+    eager = train(copy.deepcopy(tiny_teacher), batches, cfg, TERMS, storage, "students/eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = train(copy.deepcopy(tiny_teacher), batches, cfg.model_copy(update={"compile": True}), TERMS, storage,
+                     "students/compiled")
+    assert counters["stats"]["unique_graphs"] >= 1  # the student really ran compiled
+    for a, b in zip(compiled.history, eager.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["forward_kl"] == pytest.approx(b["forward_kl"], rel=1e-4, abs=1e-6)
+    from safetensors.torch import load_file
+
+    saved = load_file(storage.local_path("students/compiled/model/model.safetensors"))
+    assert not any(k.startswith("_orig_mod") for k in saved)  # the plain student is saved, not the wrapper
+
+
 def test_training_lowers_the_loss(setup, tiny_teacher):
     storage, batches = setup
     cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu")
