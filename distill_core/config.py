@@ -77,8 +77,8 @@ class TopKConfig(_Model):
     batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
 
 
-# How the teacher decodes samples or beams. The results are the same up to float rounding (exactly the
-# same in float32 on CPU, tested), so it is not in a cache's address.
+# How the teacher decodes samples or beams. The results are the same up to float rounding (the same
+# tokens in float32 on CPU, tested), so it is not in a cache's address.
 DecodeKind = Literal["dynamic", "static", "compiled"]
 _DECODE = (
     "dynamic: a growing KV cache that drops finished {rows}; static: a preallocated cache of fixed shape; "
