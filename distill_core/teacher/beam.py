@@ -226,14 +226,14 @@ def _beam_batch(
     return _walk_back(fin_score, fin_sum, fin_step, fin_row, fin_token, token_hist, parent_hist)[:n_real]
 
 
-def _reorder_generated(cache, parents: torch.Tensor, start: int, end: int) -> None:
-    """Give every row its parent beam's cache slots [start, end) (the generated tokens), in place, so
+def _reorder_generated(cache, parents: torch.Tensor, first: int, end: int) -> None:
+    """Give every row its parent beam's cache slots [first, end) (the generated tokens), in place, so
     the static cache keeps its tensors (a CUDA graph reads them by address). ``parents`` [rows]."""
-    if end <= start:
+    if end <= first:
         return
     for layer in cache.layers:
-        layer.keys[:, :, start:end] = layer.keys[parents, :, start:end]
-        layer.values[:, :, start:end] = layer.values[parents, :, start:end]
+        layer.keys[:, :, first:end] = layer.keys[parents, :, first:end]
+        layer.values[:, :, first:end] = layer.values[parents, :, first:end]
 
 
 def _walk_back(fin_score, fin_sum, fin_step, fin_row, fin_token, token_hist, parent_hist) -> list[list[BeamCandidate]]:
