@@ -23,6 +23,7 @@ once per batch.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +102,10 @@ def beam_search(
     validate_prompts(prompts, max_new_tokens, model)
     spec = CallSpec(model)
     buckets = length_buckets([len(p) for p in prompts], batch_size)
-    static = None
-    if static_cache:
-        cache_len = max(len(p) for p in prompts) + max_new_tokens
-        static = StaticPlan(model, rows=len(buckets[0]) * num_beams, cache_len=cache_len, compile=compile)
+    cache_len = max(len(p) for p in prompts) + max_new_tokens
+    plan = StaticPlan(model, rows=len(buckets[0]) * num_beams, cache_len=cache_len, compile=compile) if static_cache else nullcontext()
     out: list[list[BeamCandidate] | None] = [None] * len(prompts)
-    with torch.inference_mode():
+    with torch.inference_mode(), plan as static:
         for idx in buckets:
             found = _beam_batch(
                 model, spec, [prompts[i] for i in idx], num_beams, max_new_tokens, length_penalty,

@@ -12,6 +12,7 @@ deprecated alias until 5.40) and dropped ``cache_position``; ``CallSpec`` reads 
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -220,32 +221,45 @@ def start(
 
 class StaticPlan:
     """A ``StaticCache`` and decode step shared by every batch of one ``sample``/``beam_search`` call,
-    so that shapes never change (every batch is padded to ``rows`` and ``cache_len``).
+    so that shapes never change (every batch is padded to ``rows`` and ``cache_len``). A context
+    manager: ``with StaticPlan(...) as plan:`` holds the model's static cache for the whole call.
 
     The cache and the compiled step are kept per model (one of each, like ``generate``'s own static
     cache) and reused by later calls of the same shape, so repeated calls neither re-allocate the
     cache nor re-capture CUDA graphs. The cache's memory stays allocated while the model lives.
+    Calls from several threads on one model (shard tasks on a thread pool share the teacher) take
+    turns: each holds the model's lock from set-up to its last step.
     """
 
     _per_model: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+    _registry_lock = threading.Lock()
 
     def __init__(self, model: torch.nn.Module, rows: int, cache_len: int, compile: bool):
+        self.model, self.rows, self.cache_len, self.compile = model, rows, cache_len, compile
+        with self._registry_lock:
+            self._kept = self._per_model.setdefault(model, {"lock": threading.Lock()})
+
+    def __enter__(self) -> "StaticPlan":
         from transformers import StaticCache
 
-        self.rows, self.cache_len = rows, cache_len
-        kept = self._per_model.setdefault(model, {})
+        self._kept["lock"].acquire()
+        kept, model = self._kept, self.model
         weight = next(model.parameters())
-        shape = (rows, cache_len, weight.dtype, weight.device)
+        shape = (self.rows, self.cache_len, weight.dtype, weight.device)
         if kept.get("shape") != shape:
-            kept["shape"], kept["cache"] = shape, StaticCache(config=model.config, max_cache_len=cache_len)
+            kept["shape"], kept["cache"] = shape, StaticCache(config=model.config, max_cache_len=self.cache_len)
         self.cache = kept["cache"]
         self.step = model
-        if compile:
+        if self.compile:
             if "compiled" not in kept:
                 mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
                 kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
             self.step = kept["compiled"]
-        self.cuda_graphs = compile and model_device(model).type == "cuda"
+        self.cuda_graphs = self.compile and model_device(model).type == "cuda"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._kept["lock"].release()
 
     def decode(self, spec: CallSpec, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: int) -> torch.Tensor:
         """Append ``tokens`` [rows] at ``positions`` [rows]; returns float32 logits [rows, V].

@@ -23,6 +23,7 @@ share a generator); greedy settings (``top_k=1`` or ``temperature=0``) do not.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,18 +130,13 @@ def sample(
     spec = CallSpec(model)
     buckets = length_buckets([len(p) for p in prompts], batch_size)
     knobs = _Knobs(temperature, top_k, top_p, eos_token_id, pad_token_id, soft_topk, soft_temperature, sync_every)
-    static = None
-    if static_cache:
-        # One cache shape for every batch: most rows and the longest prompt plus the new tokens.
-        static = StaticPlan(
-            model,
-            rows=len(buckets[0]) * num_samples,
-            cache_len=max(len(p) for p in prompts) + max_new_tokens,
-            compile=compile,
-        )
+    # One cache shape for every batch: most rows and the longest prompt plus the new tokens.
+    plan = StaticPlan(
+        model, rows=len(buckets[0]) * num_samples, cache_len=max(len(p) for p in prompts) + max_new_tokens, compile=compile,
+    ) if static_cache else nullcontext()
 
     results: list[SampleResult] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), plan as static:
         for b, idx in enumerate(buckets):
             gen = batch_generator(device, seed, b)
             batch = [prompts[i] for i in idx]

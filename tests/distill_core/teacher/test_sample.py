@@ -119,6 +119,20 @@ def test_compiled_decode_step_is_one_graph_and_matches_eager(model_kind, tiny_te
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
 
+
+def test_threads_sharing_a_model_take_turns_with_its_static_cache(tiny_teacher, make_prompts):
+    """Shard tasks on a thread pool share one teacher, and the static path keeps one cache per model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(seed: int) -> list[list[int]]:
+        prompts = [(p * 5)[:5] for p in make_prompts(6, seed=seed)]  # one cache shape for every job: all share one cache
+        return completions(run(tiny_teacher, prompts, static_cache=True, max_new_tokens=48, seed=seed))
+
+    alone = [job(seed) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(job, range(4)))
+    assert together == alone
+
 def teacher_logprobs(model, prompt, completion, temperature=1.0):
     """Log-softmax of a plain teacher forward over prompt + completion, at the completion positions: [n, V]."""
     ids = torch.tensor([prompt + completion])
