@@ -35,6 +35,7 @@ from distill_core.teacher.decode import (
     length_buckets,
     model_device,
     start,
+    validate_loop,
     validate_prompts,
 )
 
@@ -93,10 +94,7 @@ def beam_search(
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if sync_every < 1:
-        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
-    if compile and not static_cache:
-        raise ValueError("compile=True needs static_cache=True (the dynamic cache changes shape every step)")
+    validate_loop(sync_every, static_cache, compile)
     if not prompts:
         return []
     validate_prompts(prompts, max_new_tokens, model)

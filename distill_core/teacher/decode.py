@@ -45,6 +45,14 @@ def validate_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, mode
         )
 
 
+def validate_loop(sync_every: int, static_cache: bool, compile: bool) -> None:
+    """Refuse decode-loop settings that cannot work, before any work starts."""
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    if compile and not static_cache:
+        raise ValueError("compile=True needs static_cache=True (the dynamic cache changes shape every step)")
+
+
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Group prompt indices into batches of at most ``batch_size`` with similar lengths.
 

@@ -38,6 +38,7 @@ from distill_core.teacher.decode import (
     length_buckets,
     model_device,
     start,
+    validate_loop,
     validate_prompts,
 )
 
@@ -118,10 +119,7 @@ def sample(
         raise ValueError(f"top_k and soft_topk must be >= 0, got {top_k} and {soft_topk}")
     if soft_temperature <= 0:
         raise ValueError(f"soft_temperature must be > 0, got {soft_temperature}")
-    if sync_every < 1:
-        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
-    if compile and not static_cache:
-        raise ValueError("compile=True needs static_cache=True (the dynamic cache changes shape every step)")
+    validate_loop(sync_every, static_cache, compile)
     if not prompts:
         return []
     validate_prompts(prompts, max_new_tokens, model)

@@ -143,3 +143,14 @@ def test_without_eos_every_candidate_runs_to_the_limit(tiny_teacher, tiny_tokeni
     )
     assert all(c.n_tokens == 5 for candidates in found for c in candidates)
     assert beam_search(tiny_teacher, [], num_beams=2, max_new_tokens=5, eos_token_id=None, pad_token_id=PAD, batch_size=2) == []
+
+
+def test_refuses_bad_input(tiny_teacher):
+    kw = dict(num_beams=2, max_new_tokens=4, eos_token_id=None, pad_token_id=PAD, batch_size=2)
+    with pytest.raises(ValueError, match="static_cache"):
+        beam_search(tiny_teacher, [[1, 2]], compile=True, **kw)
+    with pytest.raises(ValueError, match="sync_every"):
+        beam_search(tiny_teacher, [[1, 2]], sync_every=0, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        beam_search(tiny_teacher, [[1, 2], []], **kw)
+    assert beam_search(tiny_teacher, [], **kw) == []
