@@ -118,15 +118,35 @@ class BeamsConfig(_Model):
 
 # -- student and training --------------------------------------------------------------------------
 class StudentConfig(_Model):
-    init: Literal["teacher_layers", "config", "pretrained"] = Field(
+    init: Literal["pruned", "teacher_layers", "config", "pretrained"] = Field(
         "teacher_layers",
-        description="teacher_layers: copy chosen teacher layers (DistilGPT2 style); config: fresh weights from "
-        "the teacher's architecture with num_layers; pretrained: a smaller pretrained model (same vocabulary).",
+        description="pruned: slice the teacher by importance on calibration data (depth by block influence; "
+        "MLP neurons, KV groups and hidden channels by activation norm), to an explicit shape or target_params; "
+        "teacher_layers: copy chosen teacher layers (DistilGPT2 style); config: fresh weights from the teacher's "
+        "architecture with num_layers; pretrained: a smaller pretrained model (same vocabulary).",
     )
-    layers: list[int] | None = Field(None, description="Teacher layer indices to keep (teacher_layers); default every k-th.")
+    layers: list[int] | None = Field(
+        None, description="Teacher layer indices to keep (teacher_layers, pruned); default every k-th (teacher_layers) "
+        "or the num_layers of highest block influence, first and last included (pruned).",
+    )
     every_k: int = Field(5, ge=1, description="Keep every k-th teacher layer when layers is not given.")
-    num_layers: int = Field(6, ge=1, description="Layers of a student built from config.")
+    num_layers: int = Field(6, ge=1, description="Layers of a student built from config, or kept by a pruned student.")
     pretrained: str | None = Field(None, description="Hub id, local path or fsspec URL of the pretrained student.")
+    intermediate_size: int | None = Field(None, ge=1, description="pruned: MLP neurons kept per layer (default: all).")
+    num_attention_heads: int | None = Field(
+        None, ge=1, description="pruned: attention heads kept per layer; whole KV groups go with their query heads, so "
+        "this is a multiple of the teacher's heads per KV group (default: all).",
+    )
+    num_key_value_heads: int | None = Field(None, ge=1, description="pruned: KV groups kept per layer (default: all).")
+    hidden_size: int | None = Field(None, ge=1, description="pruned: hidden (embedding) channels kept (default: all).")
+    target_params: int | None = Field(
+        None, ge=1, description="pruned: a parameter budget (e.g. 50000000) instead of a shape; the depth and MLP width "
+        "are chosen by a search that heals candidate shapes within 3% of it briefly and keeps the best on held-out "
+        "calibration loss.",
+    )
+    calibration_sequences: int = Field(32, ge=1, le=4096, description="pruned: train sequences of the teacher's importance pass.")
+    search_candidates: int = Field(4, ge=1, le=32, description="pruned with target_params: candidate shapes healed.")
+    search_steps: int = Field(8, ge=1, le=1000, description="pruned with target_params: healing steps per candidate.")
 
     @model_validator(mode="after")
     def _check(self) -> "StudentConfig":
@@ -134,6 +154,14 @@ class StudentConfig(_Model):
             raise ValueError("student.init is 'pretrained' but student.pretrained is empty: name the model to start from.")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0):
             raise ValueError(f"student.layers {self.layers} must be distinct, non-negative teacher layer indices.")
+        shape = [f for f in ("layers", "num_layers", "intermediate_size") if f in self.model_fields_set and getattr(self, f)]
+        if self.target_params is not None and shape:
+            raise ValueError(f"student.target_params picks the depth and MLP width by search, but {shape} also set them: "
+                             "give either target_params or an explicit shape.")
+        width = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_size", "target_params")
+        used = [f for f in width if getattr(self, f) is not None]
+        if used and self.init != "pruned":
+            raise ValueError(f"student {used} apply to init 'pruned' only, but student.init is {self.init!r}.")
         return self
 
 

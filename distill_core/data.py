@@ -212,6 +212,17 @@ def read_sequences(storage: Storage, folder: str) -> Iterator[tuple[str, np.ndar
         yield entry.name, table["seq_id"].to_numpy(), _list_column(table["input_ids"])
 
 
+def first_train_sequences(storage: Storage, data: DataRef, n: int) -> np.ndarray:
+    """The first ``n`` train sequences in shard order (fewer when the split is smaller): int64 ``[n, T]``."""
+    rows, have = [np.zeros((0, data.seq_len), dtype=np.int64)], 0
+    for _, _, ids in read_sequences(storage, data.train):
+        rows.append(ids[: n - have])
+        have += len(rows[-1])
+        if have >= n:
+            break
+    return np.concatenate(rows)
+
+
 def read_data_shard(storage: Storage, folder: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One committed shard of a split: seq_ids int64 [n], input_ids int64 [n, T]."""
     table = _open_split(storage, folder).read_shard(name)

@@ -17,6 +17,7 @@ from torch import nn
 
 from distill_core.config import StudentConfig
 from distill_core.errors import TeacherError
+from distill_core.pruning.slicing import PrunePlan, prune
 from distill_core.storage import Storage, local_copy
 from distill_core.teacher.load import tokenizer_hash
 
@@ -103,7 +104,7 @@ def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Mod
             "handle: use student.init='config' or 'pretrained'."
         )
 
-    config = _config_with_layers(teacher.config, [*layers], n)
+    config = config_with_layers(teacher.config, [*layers], n)
     student = type(teacher)(config).to(teacher.dtype)
     student.generation_config = copy.deepcopy(teacher.generation_config)
 
@@ -138,7 +139,7 @@ def student_from_config(teacher: nn.Module, num_layers: int) -> nn.Module:
             "settings: choose at most that many layers."
         )
     # The first num_layers entries of per-layer lists keep repeating patterns (e.g. 5 sliding, 1 full).
-    config = _config_with_layers(teacher.config, list(range(num_layers)), n)
+    config = config_with_layers(teacher.config, list(range(num_layers)), n)
     student = type(teacher)(config).to(teacher.dtype)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student
@@ -190,16 +191,24 @@ def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_to
     return model
 
 
-def build_student(teacher: nn.Module, cfg: StudentConfig, seed: int, *, teacher_tokenizer_hash: str | None = None, storage: Storage | None = None) -> nn.Module:
+def build_student(
+    teacher: nn.Module, cfg: StudentConfig, seed: int, *, teacher_tokenizer_hash: str | None = None,
+    storage: Storage | None = None, plan: PrunePlan | None = None,
+) -> nn.Module:
     """The student ``cfg.init`` asks for, checked to share the teacher's vocabulary.
 
-    ``seed`` fixes any fresh initialisation; the global RNG state is left as it was.
+    ``seed`` fixes any fresh initialisation; the global RNG state is left as it was. A pruned
+    student needs its ``plan`` (see :func:`distill_core.pruning.plan.plan_student`).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.init == "teacher_layers":
             layers = cfg.layers if cfg.layers is not None else teacher_layer_indices(num_layers(teacher), cfg.every_k)
             student = student_from_teacher_layers(teacher, layers)
+        elif cfg.init == "pruned":
+            if plan is None:
+                raise ValueError("student.init 'pruned' needs its plan: compute it with distill_core.pruning.plan.plan_student")
+            student = prune(teacher, plan)
         elif cfg.init == "config":
             student = student_from_config(teacher, cfg.num_layers)
         else:
@@ -225,7 +234,7 @@ def check_vocab(student: nn.Module, teacher: nn.Module) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _config_with_layers(config, layers: list[int], teacher_layers: int):
+def config_with_layers(config, layers: list[int], teacher_layers: int):
     """Copy of ``config`` with ``len(layers)`` layers and per-layer lists subset to ``layers``."""
     config = copy.deepcopy(config)
     for key in PER_LAYER_CONFIG_KEYS:

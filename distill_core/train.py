@@ -39,6 +39,7 @@ class TrainResult:
     history: list[dict]
     seconds: float
     tokens_per_second: float
+    init: dict | None = None  # how the student was initialised, when there is more to say than the config (pruning)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +115,7 @@ def train(
     tokenizer=None,
     progress: Progress | None = None,
     fail_at_step: int | None = None,
+    init: dict | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.steps`` optimizer steps and save it under ``out``.
 
@@ -170,7 +172,7 @@ def train(
             raise RuntimeError(f"injected failure after step {fail_at_step}")
     seconds = time.perf_counter() - t0
     tokens = world.sum(tokens)
-    result = TrainResult(f"{out}/model", cfg.steps, history[-1]["loss"], history, seconds, tokens / max(seconds, 1e-9))
+    result = TrainResult(f"{out}/model", cfg.steps, history[-1]["loss"], history, seconds, tokens / max(seconds, 1e-9), init)
     if world.is_main:
         _save_final(student, tokenizer, storage, out, result)
     world.barrier()
@@ -281,7 +283,16 @@ def train_student(
     if storage.exists(f"{out}/model/{FINISHED}"):
         return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
     teacher, tokenizer = load_teacher(teacher_ref, storage)
-    student = build_student(teacher, student_cfg, seed=train_cfg.seed)
+    init = plan = None
+    if student_cfg.init == "pruned":
+        from distill_core.data import first_train_sequences
+        from distill_core.pruning.plan import plan_folder, plan_of, plan_student
+
+        folder = plan_folder(student_cfg, train_cfg, teacher_ref.fingerprint, data.fingerprint)
+        record = plan_student(teacher, student_cfg, train_cfg, storage, folder, lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
+        plan = plan_of(record)
+        init = {"init": "pruned", "plan_folder": folder, **{k: v for k, v in record.items() if k != "plan"}}
+    student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan)
     check_vocab(student, teacher)
     del teacher
     streams = {}
@@ -297,4 +308,4 @@ def train_student(
     length_penalty = used["beams"].meta["length_penalty"] if "beams" in used else 1.0
     batches = step_batches(streams, train_cfg.batch_size, pad_id=tokenizer.pad_token_id)
     return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures, length_penalty=length_penalty,
-                 tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step)
+                 tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)
