@@ -40,6 +40,8 @@ def register_student(config: RunConfig, run_id: str, teacher: dict, data: dict, 
         "flow_run_id": str(flow_run.id or ""),
         "code_version": CODE_VERSION,
     }
+    if student.get("init"):  # pruned students: kept layers and widths, importance scores, search candidates
+        lineage["init"] = student["init"]
     summary = {k: v for k, v in metrics["student"].items() if isinstance(v, (int, float))}
     summary["teacher_val_ppl"] = metrics["teacher"]["val_ppl"]
     if "baseline" in metrics:

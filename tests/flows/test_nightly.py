@@ -41,3 +41,20 @@ def test_a_deleted_storage_root_is_rebuilt_not_served_from_prefect_cache(tiny_co
     result = nightly(tiny_config, run_id="after")  # Prefect's cached refs point into the old root
     assert result["registered"]["version"] == 1
     assert AutoModelForCausalLM.from_pretrained(result["registered"]["url"]).config.n_layer == 2
+
+
+def test_nightly_with_a_pruned_student_registers_its_shape_and_lineage(tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"student": tiny_config.student.model_validate(
+        {"init": "pruned", "num_layers": 3, "intermediate_size": 64, "calibration_sequences": 8})})
+    result = nightly(config, run_id="pruned-1")
+    model = AutoModelForCausalLM.from_pretrained(result["registered"]["url"])
+    assert (model.config.n_layer, model.config.n_inner) == (3, 64)
+    entry = json.loads((tmp_path / "root/registry/tiny/1/entry.json").read_text())
+    init = entry["lineage"]["init"]
+    assert init["init"] == "pruned" and init["shape"]["intermediate_size"] == 64 and len(init["shape"]["layers"]) == 3
+    assert len(init["importance"]["block_influence"]) == 4 and init["params"] == sum(p.numel() for p in model.parameters())
+    plans = list((tmp_path / "root/pruning").glob("*/plan.json"))
+    assert len(plans) == 1  # the KD student and its CE-only baseline share one plan
+    mtime = plans[0].stat().st_mtime_ns
+    nightly(config, run_id="pruned-2")
+    assert plans[0].stat().st_mtime_ns == mtime
