@@ -11,9 +11,17 @@ from distill_core.data import prepare_data
 from distill_core.errors import DataError
 from distill_core.evaluate import add_intervals, compare, evaluate, paired, per_sequence
 from distill_core.storage import Storage
-from tests.conftest import build_tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _perturbed(model, scale: float, seed: int):
+    """A copy of ``model`` with seeded Gaussian noise on every weight: another model of the same shape."""
+    out, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
 
 
 def _scored(nll, tokens, seq_ids=None):
@@ -54,9 +62,9 @@ def test_paired_refuses_models_scored_on_different_sequences():
         paired({"val_ppl": 3.0}, _scored([1.0], [1]))
 
 
-def test_compare_keeps_the_nll_of_every_sequence(tiny_tokenizer):
+def test_compare_keeps_the_nll_of_every_sequence(tiny_tokenizer, tiny_teacher):
     vocab = len(tiny_tokenizer)
-    teacher, other = build_tiny_gpt2(vocab, seed=0), build_tiny_gpt2(vocab, n_layer=2, seed=1)
+    teacher, other = tiny_teacher, _perturbed(tiny_teacher, 0.05, seed=1)
     ids = torch.randint(0, vocab, (5, 12), generator=torch.Generator().manual_seed(0))
     batches = [(np.array([10, 11, 12]), ids[:3]), (np.array([13, 14]), ids[3:])]
     out = compare(teacher, {"same": copy.deepcopy(teacher), "other": other}, iter(batches), "cpu")
@@ -72,13 +80,12 @@ def test_compare_keeps_the_nll_of_every_sequence(tiny_tokenizer):
     assert same.ratio.estimate == same.ratio.low == same.ratio.high == 1.0 and not same.significant
 
 
-def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(tmp_path, tiny_tokenizer):
+def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(tmp_path, tiny_tokenizer, tiny_teacher):
     storage = Storage(str(tmp_path))
     data = prepare_data(DataConfig(seq_len=16, rows_per_shard=8, max_train_sequences=8, max_validation_sequences=12),
                         tiny_tokenizer, "tokhash", storage)
-    vocab = len(tiny_tokenizer)
-    teacher = build_tiny_gpt2(vocab, seed=0)
-    students = {"student": build_tiny_gpt2(vocab, n_layer=2, seed=1), "baseline": build_tiny_gpt2(vocab, n_layer=2, seed=2)}
+    teacher = copy.deepcopy(tiny_teacher)
+    students = {"student": _perturbed(teacher, 0.05, seed=1), "baseline": _perturbed(teacher, 0.1, seed=2)}
     cfg = EvalConfig(max_sequences=10, batch_size=4, speed_tokens=16, bootstrap_resamples=500)
     metrics = evaluate(teacher, students, storage, data, cfg, "cpu")
     for name, m in metrics.items():
@@ -88,7 +95,11 @@ def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(
     assert s["ppl_ratio_vs_baseline_low"] <= s["ppl_ratio_vs_baseline"] <= s["ppl_ratio_vs_baseline_high"]
     assert s["ppl_ratio_vs_baseline"] == pytest.approx(s["val_ppl"] / metrics["baseline"]["val_ppl"])
     assert s["ppl_ratio_vs_teacher"] == pytest.approx(s["val_ppl"] / metrics["teacher"]["val_ppl"])
-    assert "kd_gap_closed" in s and "ppl_ratio_vs_baseline" not in metrics["baseline"]
+    log_ppl = {name: math.log(m["val_ppl"]) for name, m in metrics.items()}
+    share = (log_ppl["baseline"] - log_ppl["student"]) / (log_ppl["baseline"] - log_ppl["teacher"])
+    assert s["kd_gap_closed"] == pytest.approx(share)
+    assert s["kd_gap_closed_low"] < s["kd_gap_closed"] < s["kd_gap_closed_high"]
+    assert "ppl_ratio_vs_baseline" not in metrics["baseline"] and "kd_gap_closed" not in metrics["baseline"]
 
     storage.write_json("runs/r/stages/evaluate.json", metrics)  # as the evaluate stage records it
     stored = storage.read_json("runs/r/stages/evaluate.json")
