@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from distill_core.config import EvalConfig
 from distill_core.data import DataRef, read_sequences
 from distill_core.errors import DataError
-from distill_core.intervals import LEVEL, RESAMPLES, Interval, PairedComparison, gap_closed, paired_comparison, perplexity_interval
+from distill_core.intervals import (
+    LEVEL, RESAMPLES, Interval, PairedComparison, gap_closed, paired_comparison, perplexity_interval,
+)
 from distill_core.storage import Storage
 from distill_core.student import count_parameters
 
@@ -96,7 +98,7 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
                   seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
     """``metrics`` (from :func:`compare`) with bootstrap intervals over the validation sequences:
 
-    - every model: ``val_ppl_low``, ``val_ppl_high``;
+    - every model: ``val_ppl_low``, ``val_ppl_high`` (bounds of ``val_ppl``);
     - every student: ``ppl_ratio_vs_teacher`` (ppl / teacher ppl) with ``_low`` / ``_high``;
     - every student other than ``baseline``, when the baseline was scored: ``ppl_ratio_vs_baseline``
       with ``_low`` / ``_high`` (below 1: better than the CE-only baseline), and ``kd_gap_closed``
@@ -111,7 +113,7 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
     for name, m in metrics.items():
         _, nll, tokens = per_sequence(m)
         ci = perplexity_interval(nll, tokens, **kw)
-        out[name].update(val_ppl_low=ci.low, val_ppl_high=ci.high)
+        out[name].update(val_ppl=ci.estimate, val_ppl_low=ci.low, val_ppl_high=ci.high)  # the same exp(sum nll / sum tokens)
         if name == "teacher":
             continue
         out[name].update(_flat("ppl_ratio_vs_teacher", paired(m, teacher, **kw).ratio))

@@ -132,17 +132,21 @@ def gap_closed(nll_student, nll_baseline, nll_teacher, tokens, *, resamples: int
     is what training lowers and a gap in it means the same at any perplexity.
 
     All three arrays: float [n] over the same sequences; ``tokens`` int [n]. The interval comes from
-    the same resamples for all three models. None when the teacher is not clearly better than the
-    baseline (the interval of their gap reaches 0): the share is then undefined."""
+    the same resamples for all three models. A resample where the teacher is not ahead of the baseline
+    has no share (it is unbounded): it counts as -inf for the lower bound and +inf for the upper one.
+    None when the teacher is not clearly better than the baseline (so many resamples have no positive
+    gap that a bound is infinite): the share is then undefined."""
     estimate, resampled = resampled_log_ppl(_rows(nll_student, nll_baseline, nll_teacher), tokens,
                                             resamples=resamples, seed=seed)
-    gap = percentile_interval(estimate[1] - estimate[2], resampled[:, 1] - resampled[:, 2], level)
-    if gap.low <= 0.0:
+    closed, gap = resampled[:, 1] - resampled[:, 0], resampled[:, 1] - resampled[:, 2]
+    if estimate[1] - estimate[2] <= 0.0:
         return None
-    # Resamples where the gap is not positive (at most (1 - level) / 2 of them) land in the tails.
+    point = (estimate[1] - estimate[0]) / (estimate[1] - estimate[2])
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = (resampled[:, 1] - resampled[:, 0]) / (resampled[:, 1] - resampled[:, 2])
-    return percentile_interval((estimate[1] - estimate[0]) / gap.estimate, share, level)
+        share = closed / gap
+        low = percentile_interval(point, np.where(gap > 0.0, share, -np.inf), level).low
+        high = percentile_interval(point, np.where(gap > 0.0, share, np.inf), level).high
+    return Interval(float(point), low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
 def _rows(*per_sequence) -> np.ndarray:

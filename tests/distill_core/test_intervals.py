@@ -114,6 +114,18 @@ def test_gap_closed_is_undefined_when_the_teacher_is_not_clearly_better():
     tokens = np.ones(4, dtype=int)
     assert gap_closed([1.0] * 4, [2.0] * 4, [2.0] * 4, tokens) is None  # teacher = baseline
     assert gap_closed([1.0] * 4, [2.0, 2.0, 2.0, 2.0], [1.0, 3.0, 1.0, 3.0], tokens) is None  # mixed
+    # ahead on average (1.625 < 2 nats) but behind in about a quarter of the resamples
+    assert gap_closed([1.8] * 4, [2.0] * 4, [1.0, 3.0, 1.0, 1.5], tokens) is None
+    # ahead in all but 5 of 2000 resamples: defined, those 5 counted as unbounded on each side
+    teacher = 2.0 + np.random.default_rng(20).normal(-0.25, 0.35, size=12)
+    student, baseline = np.full(12, 1.8), np.full(12, 2.0)
+    ci = gap_closed(student, baseline, teacher, tokens := np.ones(12, dtype=int))
+    _, r = resampled_log_ppl(np.stack([student, baseline, teacher]), tokens)
+    gap, share = r[:, 1] - r[:, 2], (r[:, 1] - r[:, 0]) / (r[:, 1] - r[:, 2])
+    assert (gap <= 0).sum() == 5
+    assert ci.low == pytest.approx(np.quantile(np.where(gap > 0, share, -np.inf), 0.025), rel=1e-12)
+    assert ci.high == pytest.approx(np.quantile(np.where(gap > 0, share, np.inf), 0.975), rel=1e-12)
+    assert ci.low < ci.estimate < ci.high
 
 
 def test_vectorised_resamples_match_a_loop_over_the_indices():
