@@ -90,21 +90,30 @@ def main() -> None:
         t0 = time.perf_counter()
         folders[name] = train_student(name, terms, cfg.student, train_cfg, storage, teacher, data, caches).model_folder
         print(f"{name}: {train_cfg.steps} steps in {time.perf_counter() - t0:.0f} s")
-    metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device,
+    metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device, baseline="ce_only",
                                 generation="samples" in sources, selection="beams" in sources, beams=cfg.beams)
 
-    print(f"\nHeld-out: {metrics['teacher']['val_tokens']} validation tokens; {cfg.eval.prompts} held-out prompts for "
+    print(f"\nHeld-out: {metrics['teacher']['val_sequences']} validation sequences ({metrics['teacher']['val_tokens']} tokens; "
+          "[95% CI]: bootstrap over them, paired for ratios and the share of the CE-only-to-teacher gap closed); "
+          f"{cfg.eval.prompts} held-out prompts for "
           f"sample/beam metrics. Students: {train_cfg.steps} steps × {train_cfg.batch_size} sequences of {data.seq_len} "
           f"(+ one samples/beams micro-batch per step where used), top-k k={cfg.topk.k}.")
-    print("| model | objective | val ppl | ppl / CE-only | top-1 agreement | KL(teacher‖model) | teacher NLL of samples | beam selection agreement |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = metrics["ce_only"]["val_ppl"] if "ce_only" in metrics else float("nan")
+    print("| model | objective | val ppl [95% CI] | ppl / CE-only [95% CI] | gap closed [95% CI] | top-1 agreement | "
+          "KL(teacher‖model) | teacher NLL of samples | beam selection agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in ["teacher", *objectives]:
         m = metrics[name]
         terms = " + ".join(f"{t.weight}·{t.name}{'@samples' if t.on == 'samples' else ''}" for t in objectives.get(name, []))
-        cells = [f"{m['val_ppl']:.1f}", f"{m['val_ppl'] / base:.3f}"]
+        cells = [_ci(m, "val_ppl", "{:.1f}"), _ci(m, "ppl_ratio_vs_baseline", "{:.3f}"), _ci(m, "kd_gap_closed", "{:.0%}")]
         cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("top1_agreement", "kl_to_teacher", "teacher_nll", "selection_agreement")]
         print(f"| {name} | {terms or '-'} | " + " | ".join(cells) + " |")
+
+
+def _ci(m: dict, key: str, fmt: str) -> str:
+    """"estimate [low, high]" of ``key`` in one model's metrics, or "-" where it has none."""
+    if m.get(key) is None:
+        return "-"
+    return f"{fmt.format(m[key])} [{fmt.format(m[key + '_low'])}, {fmt.format(m[key + '_high'])}]"
 
 
 if __name__ == "__main__":

@@ -271,6 +271,10 @@ class EvalConfig(_Model):
     prompts: int = Field(8, ge=1, description="Held-out prompts (starts of validation sequences) for generation metrics.")
     prompt_len: int = Field(16, ge=1, description="Tokens per held-out prompt.")
     max_new_tokens: int = Field(24, ge=1, description="Tokens written per held-out prompt.")
+    bootstrap_resamples: int = Field(
+        2000, ge=100, le=100_000, description="Bootstrap resamples of the validation sequences for 95% intervals."
+    )
+    bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap resamples (the same for every model: paired).")
 
     def wants(self, metric: Literal["generation", "selection"], train: "TrainConfig") -> bool:
         setting = getattr(self, metric)

@@ -1,4 +1,5 @@
-"""Held-out metrics: perplexity of teacher and students, student↔teacher agreement and KL, size, speed."""
+"""Held-out metrics: perplexity of teacher and students with bootstrap intervals and paired comparisons,
+student↔teacher agreement and KL, size, speed."""
 
 from __future__ import annotations
 
@@ -12,52 +13,137 @@ import torch.nn.functional as F
 
 from distill_core.config import EvalConfig
 from distill_core.data import DataRef, read_sequences
+from distill_core.errors import DataError
+from distill_core.intervals import (
+    LEVEL, RESAMPLES, Interval, PairedComparison, gap_closed, paired_comparison, perplexity_interval,
+)
 from distill_core.storage import Storage
 from distill_core.student import count_parameters
 
 
-def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iterator[torch.Tensor]:
-    """The first ``cfg.max_sequences`` validation sequences, int64 [b, T] batches, in a fixed order."""
-    rows = []
-    for _, _, input_ids in read_sequences(storage, data.validation):
+def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The first ``cfg.max_sequences`` validation sequences in a fixed order, in batches of
+    (seq_ids int64 [b], input_ids int64 [b, T])."""
+    ids, rows = [], []
+    for _, seq_ids, input_ids in read_sequences(storage, data.validation):
+        ids.append(seq_ids)
         rows.append(input_ids)
         if sum(len(r) for r in rows) >= cfg.max_sequences:
             break
-    all_rows = np.concatenate(rows)[: cfg.max_sequences]
+    all_ids, all_rows = np.concatenate(ids)[: cfg.max_sequences], np.concatenate(rows)[: cfg.max_sequences]
     for start in range(0, len(all_rows), cfg.batch_size):
-        yield torch.from_numpy(all_rows[start : start + cfg.batch_size])
+        yield all_ids[start : start + cfg.batch_size], torch.from_numpy(all_rows[start : start + cfg.batch_size])
 
 
 @torch.inference_mode()
-def compare(teacher, students: dict, batches: Iterator[torch.Tensor], device) -> dict[str, dict[str, float]]:
+def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.Tensor]], device) -> dict[str, dict]:
     """Perplexity of every model; top-1 agreement with and KL(teacher‖student) for each student.
 
-    One teacher forward per batch serves every student. Returns {"teacher": {...}, name: {...}}.
+    ``batches`` yield (seq_ids [b], input_ids [b, T]). One teacher forward per batch serves every
+    student, so all models are scored on the same sequences. Returns {"teacher": {...}, name: {...}};
+    each entry's "per_sequence" holds the summed NLL of every sequence (see :func:`per_sequence`).
     """
-    nll = {name: 0.0 for name in ["teacher", *students]}
+    names = ["teacher", *students]
+    seq_nll = {name: [] for name in names}
+    seq_ids, seq_tokens = [], []
     agree = {name: 0.0 for name in students}
     kl = {name: 0.0 for name in students}
-    count = 0
-    for input_ids in batches:
+    for ids, input_ids in batches:
         input_ids = input_ids.to(device)
         labels = input_ids[:, 1:]
         t_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), -1)
-        nll["teacher"] += -t_logp.gather(-1, labels[..., None]).sum().item()
+        seq_nll["teacher"].append(-t_logp.gather(-1, labels[..., None])[..., 0].sum(-1).cpu())
         t_top1 = t_logp.argmax(-1)
         for name, student in students.items():
             s_logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)
-            nll[name] += -s_logp.gather(-1, labels[..., None]).sum().item()
+            seq_nll[name].append(-s_logp.gather(-1, labels[..., None])[..., 0].sum(-1).cpu())
             agree[name] += (s_logp.argmax(-1) == t_top1).sum().item()
             kl[name] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
-        count += labels.numel()
-    out = {"teacher": {"val_ppl": math.exp(nll["teacher"] / count), "val_tokens": count}}
-    for name in students:
+        seq_ids += np.asarray(ids).tolist()
+        seq_tokens += [labels.shape[1]] * len(labels)  # every packed position has a next token
+    count = sum(seq_tokens)
+    out = {}
+    for name in names:
+        nll = torch.cat(seq_nll[name]).double().numpy()
         out[name] = {
-            "val_ppl": math.exp(nll[name] / count),
-            "top1_agreement": agree[name] / count,
-            "kl_to_teacher": kl[name] / count,
+            "val_ppl": math.exp(float(nll.sum()) / count),
+            "per_sequence": {"seq_id": seq_ids, "nll": nll.tolist(), "tokens": seq_tokens},
         }
+    out["teacher"].update(val_tokens=count, val_sequences=len(seq_ids))
+    for name in students:
+        out[name].update(top1_agreement=agree[name] / count, kl_to_teacher=kl[name] / count)
     return out
+
+
+def per_sequence(scored: dict) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(seq_ids, nll float64 [n], tokens int64 [n]) of one model's metrics from :func:`compare`."""
+    if "per_sequence" not in scored:
+        raise DataError(
+            f"these metrics have no per-sequence NLL (keys: {sorted(scored)}); they come from an evaluation "
+            "made before intervals existed: rerun the evaluate stage."
+        )
+    seq = scored["per_sequence"]
+    return list(seq["seq_id"]), np.asarray(seq["nll"], np.float64), np.asarray(seq["tokens"], np.int64)
+
+
+def paired(a: dict, b: dict, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> PairedComparison:
+    """Model a against model b (their metrics from :func:`compare`), paired over the sequences both
+    were scored on; ``.ratio`` is ppl_a / ppl_b with its interval. Refuses models scored on different
+    sequences."""
+    (nll_a, nll_b), tokens = _same_sequences(a, b)
+    return paired_comparison(nll_a, nll_b, tokens, resamples=resamples, seed=seed, level=level)
+
+
+def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline", resamples: int = RESAMPLES,
+                  seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
+    """``metrics`` (from :func:`compare`) with bootstrap intervals over the validation sequences:
+
+    - every model: ``val_ppl_low``, ``val_ppl_high`` (bounds of ``val_ppl``);
+    - every student: ``ppl_ratio_vs_teacher`` (ppl / teacher ppl) with ``_low`` / ``_high``;
+    - every student other than ``baseline``, when the baseline was scored: ``ppl_ratio_vs_baseline``
+      with ``_low`` / ``_high`` (below 1: better than the CE-only baseline), and ``kd_gap_closed``
+      with ``_low`` / ``_high`` (share of the baseline-to-teacher gap in log perplexity the student
+      closes, see :func:`distill_core.intervals.gap_closed`; None when the teacher is not clearly
+      better than the baseline).
+
+    Comparisons are paired and use the same ``seed``, so every interval comes from the same resamples."""
+    kw = dict(resamples=resamples, seed=seed, level=level)
+    out = {name: dict(m) for name, m in metrics.items()}
+    teacher = metrics["teacher"]
+    for name, m in metrics.items():
+        _, nll, tokens = per_sequence(m)
+        ci = perplexity_interval(nll, tokens, **kw)
+        out[name].update(val_ppl=ci.estimate, val_ppl_low=ci.low, val_ppl_high=ci.high)  # the same exp(sum nll / sum tokens)
+        if name == "teacher":
+            continue
+        out[name].update(_flat("ppl_ratio_vs_teacher", paired(m, teacher, **kw).ratio))
+        if baseline in metrics and name != baseline:
+            out[name].update(_flat("ppl_ratio_vs_baseline", paired(m, metrics[baseline], **kw).ratio))
+            (nll_s, nll_b, nll_t), tokens = _same_sequences(m, metrics[baseline], teacher)
+            out[name].update(_flat("kd_gap_closed", gap_closed(nll_s, nll_b, nll_t, tokens, **kw)))
+    return out
+
+
+def _same_sequences(first: dict, *others: dict) -> tuple[list[np.ndarray], np.ndarray]:
+    """([nll [n] of each model], tokens [n]) of models scored on the same sequences, in one order."""
+    ids, nll, tokens = per_sequence(first)
+    nlls = [nll]
+    for other in others:
+        other_ids, other_nll, other_tokens = per_sequence(other)
+        if other_ids != ids or not np.array_equal(other_tokens, tokens):
+            raise DataError(
+                f"models were scored on different validation sequences ({len(ids)} vs {len(other_ids)}, or other "
+                "ids or lengths); a paired comparison needs them scored on the same sequences: evaluate them in one "
+                "call, or with the same data and eval settings."
+            )
+        nlls.append(other_nll)
+    return nlls, tokens
+
+
+def _flat(key: str, ci: Interval | None) -> dict[str, float | None]:
+    if ci is None:
+        return {key: None, f"{key}_low": None, f"{key}_high": None}
+    return {key: ci.estimate, f"{key}_low": ci.low, f"{key}_high": ci.high}
 
 
 @torch.inference_mode()
@@ -73,10 +159,13 @@ def cpu_tokens_per_second(model, seq_len: int, tokens: int, vocab_size: int) -> 
     return passes * seq_len / (time.perf_counter() - t0)
 
 
-def evaluate(teacher, students: dict, storage: Storage, data: DataRef, cfg: EvalConfig, device) -> dict[str, dict]:
-    """Every metric of the report, keyed by model name ("teacher" and each student)."""
+def evaluate(teacher, students: dict, storage: Storage, data: DataRef, cfg: EvalConfig, device,
+             *, baseline: str | None = "baseline") -> dict[str, dict]:
+    """Every metric of the report, keyed by model name ("teacher" and each student), with intervals
+    (see :func:`add_intervals`; ``baseline`` names the CE-only student the others are compared with)."""
     metrics = compare(teacher.to(device).eval(), {n: m.to(device).eval() for n, m in students.items()},
                       validation_batches(storage, data, cfg), device)
+    metrics = add_intervals(metrics, baseline=baseline, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
     for name, model in [("teacher", teacher), *students.items()]:
         metrics[name]["params"] = count_parameters(model)
         metrics[name]["cpu_tokens_per_s"] = cpu_tokens_per_second(model, min(data.seq_len, 128), cfg.speed_tokens, data.vocab_size)
@@ -102,9 +191,10 @@ def held_out_prompts(storage: Storage, data: DataRef, count: int, prompt_len: in
 
 def evaluate_students(
     teacher_ref, students: dict[str, str], storage: Storage, data: DataRef, cfg: EvalConfig, device,
-    *, generation: bool = False, selection: bool = False, beams=None,
+    *, generation: bool = False, selection: bool = False, beams=None, baseline: str | None = "baseline",
 ) -> dict[str, dict]:
-    """Load the teacher and each student folder, then :func:`evaluate` them on the validation split.
+    """Load the teacher and each student folder, then :func:`evaluate` them on the validation split
+    (``baseline``: the CE-only student the others are compared with).
 
     ``generation`` adds sample metrics (teacher-scored NLL, distinct-n, example texts) for every model;
     ``selection`` adds beam-ranking metrics for each student, with ``beams`` (a BeamsConfig) giving
@@ -114,7 +204,7 @@ def evaluate_students(
 
     teacher, tokenizer = load_teacher(teacher_ref, storage)
     models = {name: load_model(storage, folder) for name, folder in students.items()}
-    metrics = evaluate(teacher, models, storage, data, cfg, device)
+    metrics = evaluate(teacher, models, storage, data, cfg, device, baseline=baseline)
     if generation or selection:
         prompts = held_out_prompts(storage, data, cfg.prompts, min(cfg.prompt_len, data.seq_len - 1))
         ids = dict(eos_id=teacher_ref.eos_token_id, pad_id=tokenizer.pad_token_id)

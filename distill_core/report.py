@@ -100,9 +100,11 @@ def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | No
     lines += ["## Teacher vs student vs baseline", ""]
     if s.metrics:
         cols = [c for c in METRIC_COLUMNS if any(c in m for m in s.metrics.values())]
-        lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        with_ci = any("val_ppl_low" in m for m in s.metrics.values())
+        header = [f"{c} [95% CI]" if c == "val_ppl" and with_ci else c for c in cols]
+        lines += ["| model | " + " | ".join(header) + " |", "|---" * (len(cols) + 1) + "|"]
         for name in _model_order(s.metrics):
-            lines.append(f"| {name} | " + " | ".join(_fmt(s.metrics[name].get(c)) for c in cols) + " |")
+            lines.append(f"| {name} | " + " | ".join(_cell(s.metrics[name], c) for c in cols) + " |")
         lines += ["", *_comparisons(s.metrics)]
     else:
         lines.append("No metrics yet (the evaluate stage has not finished).")
@@ -135,17 +137,52 @@ def _model_order(metrics: dict) -> list[str]:
 
 def _comparisons(metrics: dict) -> list[str]:
     ppl = {name: m.get("val_ppl") for name, m in metrics.items() if _number(m.get("val_ppl"))}
+    student = metrics.get("student", {})
     out = []
     if "student" in ppl and "teacher" in ppl:
-        out.append(f"- student perplexity is {ppl['student'] / ppl['teacher']:.2f}× the teacher's.")
+        ci = _interval(student, "ppl_ratio_vs_teacher", lambda r: f"{r:.2f}×")
+        out.append(f"- student perplexity is {ppl['student'] / ppl['teacher']:.2f}× the teacher's{ci}.")
     if "student" in ppl and "baseline" in ppl:
         delta = 100 * (ppl["student"] - ppl["baseline"]) / ppl["baseline"]
-        out.append(f"- student perplexity is {delta:+.1f}% against the CE-only baseline "
-                   f"({'distillation helps' if delta < 0 else 'distillation does not help yet'}).")
+        low, high = student.get("ppl_ratio_vs_baseline_low"), student.get("ppl_ratio_vs_baseline_high")
+        if _number(low) and _number(high):
+            verdict = ("distillation helps: the interval excludes 0" if high < 1 else
+                       "distillation hurts: the interval excludes 0" if low > 1 else
+                       "no clear difference: the interval includes 0")
+            ci = f" (95% CI {100 * (low - 1):+.1f}% to {100 * (high - 1):+.1f}%)"
+        else:
+            verdict, ci = ("distillation helps" if delta < 0 else "distillation does not help yet"), ""
+        out.append(f"- student perplexity is {delta:+.1f}%{ci} against the CE-only baseline ({verdict}).")
+        if "kd_gap_closed" in student:
+            share = student["kd_gap_closed"]
+            out.append(
+                f"- distillation closes {share:.0%}{_interval(student, 'kd_gap_closed', lambda v: f'{v:.0%}')} of the "
+                "baseline-to-teacher gap in log perplexity." if _number(share) else
+                "- share of the baseline-to-teacher gap closed: undefined (the teacher is not clearly better than "
+                "the baseline on these sequences)."
+            )
     params = {name: m.get("params") for name, m in metrics.items() if _number(m.get("params"))}
     if "student" in params and "teacher" in params:
         out.append(f"- student has {params['student'] / params['teacher']:.1%} of the teacher's parameters.")
+    n = metrics.get("teacher", {}).get("val_sequences")
+    if out and _number(n) and "val_ppl_low" in metrics.get("teacher", {}):
+        out.append(f"- intervals: 95%, bootstrap over {n:,} validation sequences; comparisons are paired (every model "
+                   "scored on the same resampled sequences).")
     return out
+
+
+def _interval(m: dict, key: str, fmt) -> str:
+    """" (95% CI a to b)" from ``m[key + "_low"]`` / ``m[key + "_high"]``, or "" without them."""
+    low, high = m.get(f"{key}_low"), m.get(f"{key}_high")
+    return f" (95% CI {fmt(low)} to {fmt(high)})" if _number(low) and _number(high) else ""
+
+
+def _cell(m: dict, column: str) -> str:
+    """A table cell; perplexity carries its interval when the metrics have one."""
+    low, high = m.get(f"{column}_low"), m.get(f"{column}_high")
+    if column == "val_ppl" and _number(low) and _number(high):
+        return f"{_fmt(m.get(column))} [{_fmt(low)}, {_fmt(high)}]"
+    return _fmt(m.get(column))
 
 
 def _number(v: Any) -> bool:

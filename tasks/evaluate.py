@@ -20,11 +20,14 @@ def evaluate(
 ) -> dict:
     """{model name: metrics}; ``students`` maps names to model folders under the storage root.
 
+    Each model's metrics keep its per-sequence NLL ("per_sequence"), so later comparisons need no
+    rescoring; the table artifact shows the scalar metrics and their intervals.
+
     ``generation`` / ``selection`` add the sample and beam-ranking metrics (see evaluate_students)."""
     metrics = evaluate_students(TeacherRef.from_dict(teacher), students, storage_of(storage), DataRef.from_dict(data),
                                 cfg, resolve_device("auto"), generation=generation, selection=selection, beams=beams)
     rows = [
-        {"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if not isinstance(v, list)}}
+        {"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items() if not isinstance(v, (list, dict))}}
         for name, m in metrics.items()
     ]
     create_table_artifact(rows, key=artifact_key("metrics", model_name), description="teacher vs students")

@@ -32,6 +32,32 @@ def test_markdown_report_compares_models_and_shows_sizes_timings_and_curves():
     assert "[loss_curve.png](s3://b/students/f/baseline/loss_curve.png)" in md
 
 
+def test_markdown_report_shows_intervals_and_the_share_of_the_gap_closed():
+    ci = {
+        "teacher": {**METRICS["teacher"], "val_ppl_low": 9.5, "val_ppl_high": 10.5, "val_sequences": 64},
+        "student": {**METRICS["student"], "val_ppl_low": 18.0, "val_ppl_high": 22.0,
+                    "ppl_ratio_vs_teacher": 2.0, "ppl_ratio_vs_teacher_low": 1.9, "ppl_ratio_vs_teacher_high": 2.1,
+                    "ppl_ratio_vs_baseline": 0.8, "ppl_ratio_vs_baseline_low": 0.75, "ppl_ratio_vs_baseline_high": 0.85,
+                    "kd_gap_closed": 0.24, "kd_gap_closed_low": 0.2, "kd_gap_closed_high": 0.3,
+                    "per_sequence": {"seq_id": [0], "nll": [1.0], "tokens": [1]}},
+        "baseline": {**METRICS["baseline"], "val_ppl_low": 23.0, "val_ppl_high": 27.0},
+    }
+    md = markdown_report(RunSummary("r", "", "", ci, None, [], {}))
+    assert "| model | val_ppl [95% CI] | top1_agreement |" in md
+    assert "| student | 20 [18, 22] | 0.5 | 0.25 | 250 |" in md and "| teacher | 10 [9.5, 10.5] |" in md
+    assert "2.00× the teacher's (95% CI 1.90× to 2.10×)" in md
+    assert "-20.0% (95% CI -25.0% to -15.0%) against the CE-only baseline (distillation helps: the interval excludes 0)" in md
+    assert "distillation closes 24% (95% CI 20% to 30%) of the baseline-to-teacher gap in log perplexity" in md
+    assert "bootstrap over 64 validation sequences" in md and "per_sequence" not in md
+
+    unclear = {**ci, "student": {**ci["student"], "ppl_ratio_vs_baseline_high": 1.05, "kd_gap_closed": None}}
+    md = markdown_report(RunSummary("r", "", "", unclear, None, [], {}))
+    assert "(no clear difference: the interval includes 0)" in md
+    assert "gap closed: undefined (the teacher is not clearly better than the baseline" in md
+    worse = {**ci, "student": {**ci["student"], "ppl_ratio_vs_baseline_low": 1.02, "ppl_ratio_vs_baseline_high": 1.1}}
+    assert "(distillation hurts: the interval excludes 0)" in markdown_report(RunSummary("r", "", "", worse, None, [], {}))
+
+
 def test_unfinished_run_says_what_is_missing():
     md = markdown_report(RunSummary("r", "", "", {}, None, [], {}))
     assert "Not registered" in md and "No metrics yet" in md and "No loss curve yet" in md

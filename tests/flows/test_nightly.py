@@ -2,7 +2,7 @@ import json
 
 from transformers import AutoModelForCausalLM
 
-from distill_core.registry import list_versions
+from distill_core.registry import get_version, list_versions
 from distill_core.storage import Storage
 from flows.nightly import nightly
 
@@ -17,6 +17,10 @@ def test_nightly_end_to_end_then_rerun_recomputes_nothing(tiny_config, tmp_path)
     assert set(metrics) == {"teacher", "student", "baseline"}
     assert metrics["student"]["params"] < metrics["teacher"]["params"]
     assert 0.0 <= metrics["student"]["top1_agreement"] <= 1.0
+    student = metrics["student"]
+    assert student["val_ppl_low"] <= student["val_ppl"] <= student["val_ppl_high"]
+    assert student["ppl_ratio_vs_baseline_low"] <= student["ppl_ratio_vs_baseline"] <= student["ppl_ratio_vs_baseline_high"]
+    assert "kd_gap_closed" in student and "ppl_ratio_vs_teacher" in metrics["baseline"]
     registered = result["registered"]
     assert registered["version"] == 1 and registered["champion"]
     model = AutoModelForCausalLM.from_pretrained(registered["url"])
@@ -25,6 +29,9 @@ def test_nightly_end_to_end_then_rerun_recomputes_nothing(tiny_config, tmp_path)
     root = tmp_path / "root"
     stages = json.loads((root / "runs/night-1/stages/cache_topk.json").read_text())
     assert stages["meta"]["k"] == 8
+    evaluated = json.loads((root / "runs/night-1/stages/evaluate.json").read_text())
+    assert {name: len(m["per_sequence"]["nll"]) for name, m in evaluated.items()} == {"teacher": 8, "student": 8, "baseline": 8}
+    assert get_version(Storage(str(root)), "tiny", 1)["metrics"]["val_ppl_high"] == student["val_ppl_high"]
     before = {k: v for k, v in _files(root).items() if not k.startswith("runs/")}
     again = nightly(tiny_config, run_id="night-2")
     after = {k: v for k, v in _files(root).items() if not k.startswith("runs/")}

@@ -1,0 +1,108 @@
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill_core.config import DataConfig, EvalConfig
+from distill_core.data import prepare_data
+from distill_core.errors import DataError
+from distill_core.evaluate import add_intervals, compare, evaluate, paired, per_sequence
+from distill_core.storage import Storage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _perturbed(model, scale: float, seed: int):
+    """A copy of ``model`` with seeded Gaussian noise on every weight: another model of the same shape."""
+    out, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def _scored(nll, tokens, seq_ids=None):
+    seq_ids = list(range(len(nll))) if seq_ids is None else seq_ids
+    return {"val_ppl": math.exp(sum(nll) / sum(tokens)),
+            "per_sequence": {"seq_id": seq_ids, "nll": list(nll), "tokens": list(tokens)}}
+
+
+def test_add_intervals_on_hand_made_scores():
+    # teacher 0, baseline 2, student 1 nat per token on both sequences
+    metrics = {"teacher": _scored([0.0, 0.0], [1, 1]), "student": _scored([1.0, 1.0], [1, 1]),
+               "baseline": _scored([2.0, 2.0], [1, 1])}
+    out = add_intervals(metrics)
+    s, b, t = out["student"], out["baseline"], out["teacher"]
+    assert (t["val_ppl_low"], t["val_ppl_high"]) == (1.0, 1.0)
+    assert (s["val_ppl_low"], s["val_ppl_high"]) == pytest.approx((math.e, math.e))
+    assert (s["ppl_ratio_vs_teacher"], s["ppl_ratio_vs_teacher_low"], s["ppl_ratio_vs_teacher_high"]) == pytest.approx((math.e,) * 3)
+    assert (s["ppl_ratio_vs_baseline"], s["ppl_ratio_vs_baseline_high"]) == pytest.approx((1 / math.e, 1 / math.e))
+    assert (s["kd_gap_closed"], s["kd_gap_closed_low"], s["kd_gap_closed_high"]) == (0.5, 0.5, 0.5)
+    assert b["ppl_ratio_vs_teacher"] == pytest.approx(math.e ** 2)
+    assert "ppl_ratio_vs_baseline" not in b and "kd_gap_closed" not in b and "ppl_ratio_vs_teacher" not in t
+    assert "val_ppl_low" not in metrics["student"]  # the input is not modified
+
+
+def test_gap_closed_is_none_without_a_clear_teacher_lead_and_absent_without_a_baseline():
+    metrics = {"teacher": _scored([2.0, 2.0], [1, 1]), "student": _scored([1.0, 1.0], [1, 1]),
+               "baseline": _scored([2.0, 2.0], [1, 1])}
+    out = add_intervals(metrics)
+    assert (out["student"]["kd_gap_closed"], out["student"]["kd_gap_closed_low"]) == (None, None)
+    alone = add_intervals({"teacher": metrics["teacher"], "student": metrics["student"]}, baseline="baseline")
+    assert "ppl_ratio_vs_baseline" not in alone["student"] and "ppl_ratio_vs_teacher" in alone["student"]
+
+
+def test_paired_refuses_models_scored_on_different_sequences():
+    with pytest.raises(DataError, match="different validation sequences"):
+        paired(_scored([1.0, 2.0], [1, 1], seq_ids=[0, 1]), _scored([1.0, 2.0], [1, 1], seq_ids=[0, 2]))
+    with pytest.raises(DataError, match="rerun the evaluate stage"):
+        paired({"val_ppl": 3.0}, _scored([1.0], [1]))
+
+
+def test_compare_keeps_the_nll_of_every_sequence(tiny_tokenizer, tiny_teacher):
+    vocab = len(tiny_tokenizer)
+    teacher, other = tiny_teacher, _perturbed(tiny_teacher, 0.05, seed=1)
+    ids = torch.randint(0, vocab, (5, 12), generator=torch.Generator().manual_seed(0))
+    batches = [(np.array([10, 11, 12]), ids[:3]), (np.array([13, 14]), ids[3:])]
+    out = compare(teacher, {"same": copy.deepcopy(teacher), "other": other}, iter(batches), "cpu")
+    seq_ids, nll, tokens = per_sequence(out["other"])
+    assert seq_ids == [10, 11, 12, 13, 14] and tokens.tolist() == [11] * 5
+    with torch.no_grad():
+        logits = other(input_ids=ids).logits[:, :-1]
+        expected = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none").view(5, 11).sum(1)
+    np.testing.assert_allclose(nll, expected.double().numpy(), rtol=1e-5)
+    assert out["other"]["val_ppl"] == pytest.approx(math.exp(nll.sum() / 55))
+    assert out["teacher"]["val_tokens"] == 55 and out["teacher"]["val_sequences"] == 5
+    same = paired(out["same"], out["teacher"])  # the teacher's copy: exactly the teacher's NLL
+    assert same.ratio.estimate == same.ratio.low == same.ratio.high == 1.0 and not same.significant
+
+
+def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(tmp_path, tiny_tokenizer, tiny_teacher):
+    storage = Storage(str(tmp_path))
+    data = prepare_data(DataConfig(seq_len=16, rows_per_shard=8, max_train_sequences=8, max_validation_sequences=12),
+                        tiny_tokenizer, "tokhash", storage)
+    teacher = copy.deepcopy(tiny_teacher)
+    students = {"student": _perturbed(teacher, 0.05, seed=1), "baseline": _perturbed(teacher, 0.1, seed=2)}
+    cfg = EvalConfig(max_sequences=10, batch_size=4, speed_tokens=16, bootstrap_resamples=500)
+    metrics = evaluate(teacher, students, storage, data, cfg, "cpu")
+    for name, m in metrics.items():
+        assert len(m["per_sequence"]["nll"]) == 10
+        assert m["val_ppl_low"] <= m["val_ppl"] <= m["val_ppl_high"]
+    s = metrics["student"]
+    assert s["ppl_ratio_vs_baseline_low"] <= s["ppl_ratio_vs_baseline"] <= s["ppl_ratio_vs_baseline_high"]
+    assert s["ppl_ratio_vs_baseline"] == pytest.approx(s["val_ppl"] / metrics["baseline"]["val_ppl"])
+    assert s["ppl_ratio_vs_teacher"] == pytest.approx(s["val_ppl"] / metrics["teacher"]["val_ppl"])
+    log_ppl = {name: math.log(m["val_ppl"]) for name, m in metrics.items()}
+    share = (log_ppl["baseline"] - log_ppl["student"]) / (log_ppl["baseline"] - log_ppl["teacher"])
+    assert s["kd_gap_closed"] == pytest.approx(share)
+    assert s["kd_gap_closed_low"] < s["kd_gap_closed"] < s["kd_gap_closed_high"]
+    assert "ppl_ratio_vs_baseline" not in metrics["baseline"] and "kd_gap_closed" not in metrics["baseline"]
+
+    storage.write_json("runs/r/stages/evaluate.json", metrics)  # as the evaluate stage records it
+    stored = storage.read_json("runs/r/stages/evaluate.json")
+    again = paired(stored["student"], stored["baseline"], resamples=500).ratio
+    assert (again.estimate, again.low, again.high) == (s["ppl_ratio_vs_baseline"], s["ppl_ratio_vs_baseline_low"],
+                                                       s["ppl_ratio_vs_baseline_high"])
