@@ -1,7 +1,7 @@
 """Held-out quality of students trained with equal steps by each objective, on the embedded setup.
 
     python benchmarks/quality.py [--config deployments/demo.yaml] [--steps N] [--root DIR] [--only a,b]
-                                 [--validation-sequences N] [--eval-prompts N]
+                                 [--validation-sequences N] [--eval-prompts N] [--inits a,b] [--lrs x,y]
 
 Rows: the teacher; a CE-only student; soft-KD (top-k forward KL + CE); SeqKD (CE on teacher
 samples + CE); SeqKD + soft targets on the samples; beam_top1 (+ CE); beam_top1 + beam_rank (+ CE).
@@ -10,6 +10,12 @@ beams add one micro-batch from that cache per step. Columns: validation perplexi
 KL with the teacher, the teacher's NLL of each model's samples on held-out prompts, and how often a
 student's top-scored beam candidate is the teacher's best. Every stage is content-addressed under
 the storage root, so a rerun reuses the teacher, data, caches and finished students.
+
+With ``--inits`` (names from INITS, or ``all``) and ``--lrs``, every objective is trained from every
+student init at every learning rate instead (equal steps and batch for all), and two more tables
+compare each init at its best learning rate (lowest val ppl of its first objective) with ``every_k``
+at its best, and KD with CE-only at the same init and learning rate: paired ratios of perplexity
+with 95% bootstrap intervals over the validation sequences.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from distill_core.cache.stage import run_all
-from distill_core.config import LossTerm, load_config
+from distill_core.config import LossTerm, StudentConfig, load_config
 from distill_core.data import prepare_data
-from distill_core.evaluate import evaluate_students
+from distill_core.evaluate import evaluate_students, paired
+from distill_core.intervals import gap_closed
 from distill_core.storage import Storage
 from distill_core.teacher.beams_cache import beams_job
 from distill_core.teacher.load import load_teacher, load_tokenizer, resolve_teacher
@@ -40,6 +48,17 @@ OBJECTIVES = {
     "beam_top1_rank": [T(name="beam_top1", weight=0.25), T(name="beam_rank", weight=0.25), T(name="ce", weight=0.5)],
 }
 
+# Students of the demo's budget (about 49.6M parameters) cut from SmolLM2-135M-Instruct (30 layers,
+# hidden 576, MLP 1536, 9 heads in 3 KV groups, 49,152-token tied embedding = 28.3M of the budget).
+INITS = {
+    "every_k": {"init": "teacher_layers", "every_k": 6},  # layers 0, 6, 12, 18, 24, 29: 49.55M
+    "depth": {"init": "pruned", "num_layers": 6},  # 6 layers by block influence: 49.55M
+    "width": {"init": "pruned", "num_layers": 30, "num_key_value_heads": 1, "intermediate_size": 224},  # 48.81M
+    "depth_width": {"init": "pruned", "num_layers": 12, "intermediate_size": 512},  # 49.56M
+    "depth_width_heads": {"init": "pruned", "num_layers": 16, "num_key_value_heads": 2, "intermediate_size": 416},  # 49.27M
+    "search": {"init": "pruned", "target_params": 49_600_000},  # shape chosen by the search (±3%)
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +69,8 @@ def main() -> None:
     parser.add_argument("--validation-sequences", type=int, default=None,
                         help="held-out sequences scored, and the pool of held-out prompts (default: the config's)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts for sample/beam metrics (default: the config's)")
+    parser.add_argument("--inits", default=None, help="comma-separated student inits from INITS (or 'all'): the init grid")
+    parser.add_argument("--lrs", default=None, help="comma-separated peak learning rates of the init grid (default: the config's)")
     args = parser.parse_args()
     cfg = load_config(args.config)
     if args.validation_sequences:
@@ -85,6 +106,8 @@ def main() -> None:
     loaded.clear()
     print(f"teacher, data and caches ready in {time.perf_counter() - t0:.0f} s")
 
+    if args.inits:
+        return init_grid(args, cfg, train_cfg, objectives, storage, teacher, data, caches, device)
     folders = {}
     for name, terms in objectives.items():
         t0 = time.perf_counter()
@@ -107,6 +130,63 @@ def main() -> None:
         cells = [_ci(m, "val_ppl", "{:.1f}"), _ci(m, "ppl_ratio_vs_baseline", "{:.3f}"), _ci(m, "kd_gap_closed", "{:.0%}")]
         cells += [f"{m[k]:.3f}" if k in m else "-" for k in ("top1_agreement", "kl_to_teacher", "teacher_nll", "selection_agreement")]
         print(f"| {name} | {terms or '-'} | " + " | ".join(cells) + " |")
+
+
+def init_grid(args, cfg, train_cfg, objectives, storage, teacher, data, caches, device) -> None:
+    """Every objective from every init at every learning rate, then the paired comparisons."""
+    names = list(INITS) if args.inits == "all" else args.inits.split(",")
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [train_cfg.lr]
+    folders, params = {}, {}
+    for init in names:
+        student = StudentConfig.model_validate(INITS[init])
+        for lr in lrs:
+            for objective, terms in objectives.items():
+                row, t0 = f"{init}@{lr:g}/{objective}", time.perf_counter()
+                result = train_student(objective, terms, student, train_cfg.model_copy(update={"lr": lr}), storage, teacher, data, caches)
+                folders[row], params[row] = result.model_folder, (result.init or {}).get("shape")
+                print(f"{row}: {train_cfg.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device, baseline=None)
+    resample = {"resamples": cfg.eval.bootstrap_resamples, "seed": cfg.eval.bootstrap_seed}
+    t = metrics["teacher"]
+    print(f"\nHeld-out: {t['val_sequences']} validation sequences ({t['val_tokens']} tokens); teacher val ppl "
+          f"{_ci(t, 'val_ppl', '{:.1f}')}. Students: {train_cfg.steps} steps × {train_cfg.batch_size} sequences of "
+          f"{data.seq_len}, warm-up {train_cfg.warmup_steps} + cosine, top-k k={cfg.topk.k}.")
+    print("| init | lr | objective | parameters | val ppl [95% CI] | × teacher | shape (layers; MLP; KV groups; hidden) |")
+    print("|---|---|---|---|---|---|---|")
+    for row, m in ((r, metrics[r]) for r in folders):
+        init, rest = row.split("@")
+        lr, objective = rest.split("/")
+        shape = params[row]
+        shape = f"{len(shape['layers'])}; {shape['intermediate_size']}; {shape['num_key_value_heads']}; {shape['hidden_size']}" if shape else "-"
+        print(f"| {init} | {lr} | {objective} | {m['params'] / 1e6:.2f}M | {_ci(m, 'val_ppl', '{:.1f}')} | "
+              f"{m['val_ppl'] / t['val_ppl']:.2f} | {shape} |")
+    first = next(iter(objectives))
+    best = {init: min((f"{init}@{lr:g}/{first}" for lr in lrs), key=lambda r: metrics[r]["val_ppl"]) for init in names}
+    if "every_k" in best:
+        print(f"\nEach init at its best learning rate ({first}) against every_k at its best ({best['every_k']}): paired ratio of val ppl.")
+        print("| init | best lr | val ppl | ppl / every_k [95% CI] |")
+        print("|---|---|---|---|")
+        for init, row in best.items():
+            cmp = paired(metrics[row], metrics[best["every_k"]], **resample).ratio
+            print(f"| {init} | {row.split('@')[1].split('/')[0]} | {metrics[row]['val_ppl']:.1f} | "
+                  f"{cmp.estimate:.3f} [{cmp.low:.3f}, {cmp.high:.3f}] |")
+    if "ce_only" in objectives and len(objectives) > 1:
+        print("\nKD against CE-only at the same init and learning rate: paired ratio of val ppl, and share of the "
+              "CE-only-to-teacher gap closed (log space).")
+        print("| init | lr | objective | val ppl | CE-only val ppl | ppl / CE-only [95% CI] | gap closed [95% CI] |")
+        print("|---|---|---|---|---|---|---|")
+        for row in folders:
+            init, rest = row.split("@")
+            lr, objective = rest.split("/")
+            if objective == "ce_only":
+                continue
+            base = metrics[f"{init}@{lr}/ce_only"]
+            cmp = paired(metrics[row], base, **resample).ratio
+            gap = gap_closed(*(np.asarray(x["per_sequence"]["nll"]) for x in (metrics[row], base, t)),
+                             np.asarray(t["per_sequence"]["tokens"]), **resample)
+            gap_text = f"{gap.estimate:.0%} [{gap.low:.0%}, {gap.high:.0%}]" if gap else "undefined"
+            print(f"| {init} | {lr} | {objective} | {metrics[row]['val_ppl']:.1f} | {base['val_ppl']:.1f} | "
+                  f"{cmp.estimate:.3f} [{cmp.low:.3f}, {cmp.high:.3f}] | {gap_text} |")
 
 
 def _ci(m: dict, key: str, fmt: str) -> str:

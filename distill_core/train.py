@@ -286,12 +286,12 @@ def train_student(
     init = plan = None
     if student_cfg.init == "pruned":
         from distill_core.data import first_train_sequences
-        from distill_core.pruning.plan import plan_folder, plan_of, plan_student
+        from distill_core.pruning.plan import plan_of, plan_student
 
-        folder = plan_folder(student_cfg, train_cfg, teacher_ref.fingerprint, data.fingerprint)
-        record = plan_student(teacher, student_cfg, train_cfg, storage, folder, lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
+        record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
+                              lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
         plan = plan_of(record)
-        init = {"init": "pruned", "plan_folder": folder, **{k: v for k, v in record.items() if k != "plan"}}
+        init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
     student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan)
     check_vocab(student, teacher)
     del teacher

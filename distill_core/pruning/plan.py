@@ -5,7 +5,9 @@ recomputes nothing."""
 
 from __future__ import annotations
 
+import io
 import logging
+from dataclasses import asdict
 from typing import Callable
 
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 from distill_core.config import StudentConfig, TrainConfig
 from distill_core.errors import ConfigError
 from distill_core.pruning.arch import Geometry, geometry
-from distill_core.pruning.importance import calibrate
+from distill_core.pruning.importance import Importance, calibrate
 from distill_core.pruning.search import candidates, count_params, search, shape_params, spread, width_step
 from distill_core.pruning.slicing import PrunePlan, Shape, choose_layers, plan_for
 from distill_core.storage import Storage, fingerprint
@@ -71,6 +73,20 @@ def check_request(teacher_config, cfg: StudentConfig) -> None:
                               "another budget or give an explicit shape (num_layers, intermediate_size).")
 
 
+def importance_for(teacher: nn.Module, ids: torch.Tensor, storage: Storage, teacher_fp: str, data_fp: str) -> Importance:
+    """The calibration scores of ``teacher`` on ``ids`` ``[N, T]``, stored under ``pruning/importance/<fp>.pt``
+    so that plans of other shapes on the same teacher, data and calibration size reuse them."""
+    rel = "pruning/importance/" + fingerprint({"version": PLAN_VERSION, "teacher": teacher_fp, "data": data_fp,
+                                               "sequences": list(ids.shape)}) + ".pt"
+    if storage.exists(rel):
+        return Importance(**torch.load(storage.bytes_io(rel), weights_only=True))
+    importance = calibrate(teacher, ids)
+    buf = io.BytesIO()
+    torch.save(asdict(importance), buf)
+    storage.write_bytes(rel, buf.getvalue())
+    return importance
+
+
 def plan_folder(cfg: StudentConfig, train_cfg: TrainConfig, teacher_fp: str, data_fp: str) -> str:
     """Content address of a plan: the pruning settings, the teacher and the data (and, for a search,
     the settings its healing uses)."""
@@ -80,13 +96,14 @@ def plan_folder(cfg: StudentConfig, train_cfg: TrainConfig, teacher_fp: str, dat
 
 
 def plan_student(
-    teacher: nn.Module, cfg: StudentConfig, train_cfg: TrainConfig, storage: Storage, folder: str,
+    teacher: nn.Module, cfg: StudentConfig, train_cfg: TrainConfig, storage: Storage, teacher_fp: str, data_fp: str,
     sequences: Callable[[int], torch.Tensor],
 ) -> dict:
-    """The stored plan under ``folder``, or a new one: calibration on the first ``calibration_sequences``
+    """The stored plan of these settings, or a new one: calibration on the first ``calibration_sequences``
     train sequences (``sequences(n)`` gives ``[n, T]`` int64), then the explicit shape or the search.
 
-    Returns ``{"plan", "shape", "params", "importance", "search"}`` (JSON-ready)."""
+    Returns ``{"folder", "plan", "shape", "params", "importance", "search"}`` (JSON-ready)."""
+    folder = plan_folder(cfg, train_cfg, teacher_fp, data_fp)
     if storage.exists(f"{folder}/{PLAN}"):
         return storage.read_json(f"{folder}/{PLAN}")
     check_request(teacher.config, cfg)
@@ -97,7 +114,7 @@ def plan_student(
     if ids.shape[0] < n + held:
         raise ConfigError(f"student.calibration_sequences={n} (+{held} held out for the search) exceeds the "
                           f"{ids.shape[0]} train sequences: lower it or prepare more data.")
-    importance = calibrate(teacher, ids[:n])
+    importance = importance_for(teacher, ids[:n], storage, teacher_fp, data_fp)
     kv, hidden = _kv_groups(geo, cfg), cfg.hidden_size or geo.hidden_size
     records = None
     if cfg.target_params:
@@ -110,6 +127,7 @@ def plan_student(
         shape = Shape(layers, cfg.intermediate_size or geo.intermediate_size, kv, hidden)
     plan = plan_for(importance, shape)
     record = {
+        "folder": folder,
         "plan": plan.to_dict(),
         "shape": {"layers": list(shape.layers), "intermediate_size": shape.intermediate_size,
                   "num_key_value_heads": shape.num_kv_heads, "num_attention_heads": shape.num_kv_heads * geo.group_size,

@@ -59,12 +59,15 @@ def test_plan_is_stored_once_and_reused(llama, tmp_path):
         calls.append(n)
         return torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(0))
 
-    record = plan_student(llama, cfg, train, storage, folder, sequences)
+    record = plan_student(llama, cfg, train, storage, "teacher-fp", "data-fp", sequences)
+    assert record["folder"] == folder and (tmp_path / folder / "plan.json").is_file()
     assert record["shape"] == {"layers": record["shape"]["layers"], "intermediate_size": 24, "num_key_value_heads": 2,
                                "num_attention_heads": 4, "hidden_size": 48}
     assert record["shape"]["layers"][0] == 0 and record["shape"]["layers"][-1] == 3 and len(record["shape"]["layers"]) == 3
     assert len(record["importance"]["block_influence"]) == 4 and record["search"] is None
-    assert plan_student(llama, cfg, train, storage, folder, sequences) == record and calls == [3]
+    assert plan_student(llama, cfg, train, storage, "teacher-fp", "data-fp", sequences) == record and calls == [3]
+    other = plan_student(llama, cfg.model_copy(update={"num_layers": 2}), train, storage, "teacher-fp", "data-fp", sequences)
+    assert other["importance"] == record["importance"] and len(list((tmp_path / "pruning/importance").iterdir())) == 1
     assert len(plan_of(record).neurons[0]) == 24
     assert plan_folder(cfg, train.model_copy(update={"lr": 1.0}), "teacher-fp", "data-fp") == folder  # no search: lr unused
     assert plan_folder(cfg.model_copy(update={"num_layers": 2}), train, "teacher-fp", "data-fp") != folder
@@ -73,4 +76,4 @@ def test_plan_is_stored_once_and_reused(llama, tmp_path):
 def test_too_few_calibration_sequences_is_a_clear_error(llama, tmp_path):
     cfg = StudentConfig(init="pruned", num_layers=2, calibration_sequences=8)
     with pytest.raises(ConfigError, match=r"calibration_sequences=8 .* exceeds the 5 train sequences"):
-        plan_student(llama, cfg, TrainConfig(), Storage(str(tmp_path)), "pruning/x", lambda n: torch.zeros(5, 12, dtype=torch.int64))
+        plan_student(llama, cfg, TrainConfig(), Storage(str(tmp_path)), "t", "d", lambda n: torch.zeros(5, 12, dtype=torch.int64))
