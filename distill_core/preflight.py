@@ -44,3 +44,10 @@ def check_run(cfg: RunConfig, teacher) -> None:
                 f"student vocabulary ({vocab} tokens, {student.pretrained}) differs from the teacher's "
                 f"({teacher.vocab_size}): distillation needs a shared tokenizer; pick a student of the teacher's family."
             )
+    if student.init == "pruned":
+        from transformers import AutoConfig
+
+        from distill_core.pruning.plan import check_request
+
+        fields = dict(tcfg)
+        check_request(AutoConfig.for_model(fields.pop("model_type"), **fields), student)

@@ -77,3 +77,18 @@ def test_too_few_calibration_sequences_is_a_clear_error(llama, tmp_path):
     cfg = StudentConfig(init="pruned", num_layers=2, calibration_sequences=8)
     with pytest.raises(ConfigError, match=r"calibration_sequences=8 .* exceeds the 5 train sequences"):
         plan_student(llama, cfg, TrainConfig(), Storage(str(tmp_path)), "t", "d", lambda n: torch.zeros(5, 12, dtype=torch.int64))
+
+
+def test_preflight_refuses_a_pruned_shape_from_the_teacher_config_alone(tiny_teacher_dir, tiny_teacher):
+    from types import SimpleNamespace
+
+    from distill_core.config import parse_config
+    from distill_core.preflight import check_run
+
+    teacher = SimpleNamespace(path=str(tiny_teacher_dir), num_layers=4, vocab_size=tiny_teacher.config.vocab_size)
+    run = lambda student: parse_config({"student": student})  # noqa: E731
+    with pytest.raises(ConfigError, match=r"intermediate_size=999 is larger than the teacher's 128"):
+        check_run(run({"init": "pruned", "num_layers": 2, "intermediate_size": 999}), teacher)
+    with pytest.raises(ConfigError, match=r"cannot be pruned in GPT-2"):
+        check_run(run({"init": "pruned", "num_layers": 2, "hidden_size": 16}), teacher)
+    check_run(run({"init": "pruned", "num_layers": 2, "intermediate_size": 64}), teacher)
