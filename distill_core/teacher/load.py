@@ -166,19 +166,20 @@ def check_tokenizer(tokenizer, vocab_size: int, folder: str | Path, what: str) -
     from (its files are named in the message); ``what`` names the model, e.g. ``"teacher <path>"``.
     """
     n = len(tokenizer)
+    tokens = f"{n} token{'s' * (n != 1)}"
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     unknown = tokenizer.unk_token_id
     if n > vocab_size or any(i >= vocab_size for i in ids):
         raise TeacherError(
-            f"{what}: the tokenizer has {n} tokens (ids up to {max([n - 1, *ids])}) but the model only {vocab_size} "
+            f"{what}: the tokenizer has {tokens} (ids up to {max([n - 1, *ids])}) but the model only {vocab_size} "
             "logits: save the tokenizer that belongs to this model beside it (tokenizer.save_pretrained)."
         )
     if 2 * n < vocab_size or not ids or all(i == unknown for i in ids):
         encoded = "to nothing" if not ids else f"to unknown tokens only ({ids})" if all(i == unknown for i in ids) else f"to {ids}"
         raise TeacherError(
-            f"{what}: the tokenizer has {n} tokens for a model of {vocab_size} and encodes {PROBE_TEXT!r} {encoded}; "
+            f"{what}: the tokenizer has {tokens} for a model of {vocab_size} and encodes {PROBE_TEXT!r} {encoded}; "
             f"{_tokenizer_files_found(folder)}. The tokenizer was not saved with the model: save it beside the model "
-            "(tokenizer.save_pretrained(<model folder>)) and resolve again."
+            "(tokenizer.save_pretrained(<model folder>)) and run again."
         )
 
 

@@ -52,7 +52,7 @@ def test_a_pretrained_student_with_another_tokenizer_is_refused(tmp_path, local,
         check_run(_config(storage, str(tiny_teacher_dir), student={"init": "pretrained", "pretrained": other}), ref)
 
     bare = _save_student(tmp_path / "bare", None)
-    with pytest.raises(TeacherError, match=f"student {bare}: the tokenizer has 1 tokens for a model of 384.*found none of them"):
+    with pytest.raises(TeacherError, match=f"student {bare}: the tokenizer has 1 token for a model of 384.*found none of them"):
         check_run(_config(storage, str(tiny_teacher_dir), student={"init": "pretrained", "pretrained": bare}), ref)
 
     wide = _save_student(tmp_path / "wide", None, vocab_size=500)

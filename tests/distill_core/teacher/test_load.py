@@ -125,7 +125,7 @@ def test_teacher_saved_without_its_tokenizer_is_refused_naming_the_files(tmp_pat
     bare = tmp_path / "no-tokenizer"
     tiny_teacher.save_pretrained(bare)
     message = (
-        rf"teacher {re.escape(str(bare))}: the tokenizer has 1 tokens for a model of 384 and encodes .* to nothing; "
+        rf"teacher {re.escape(str(bare))}: the tokenizer has 1 token for a model of 384 and encodes .* to nothing; "
         r"the folder needs tokenizer.json or vocab.json \+ merges.txt or tokenizer.model, with tokenizer_config.json; "
         r"found none of them.*save it beside the model"
     )
@@ -138,9 +138,9 @@ def test_load_refuses_a_teacher_whose_tokenizer_went_missing(tmp_path, tiny_teac
     ref = resolve_teacher(PathTeacher(path=str(copy)), storage)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (copy / name).unlink()
-    with pytest.raises(TeacherError, match="1 tokens for a model of 384.*found none of them"):
+    with pytest.raises(TeacherError, match="1 token for a model of 384.*found none of them"):
         load_tokenizer(ref, storage)
-    with pytest.raises(TeacherError, match="1 tokens for a model of 384"):
+    with pytest.raises(TeacherError, match="1 token for a model of 384"):
         load_teacher(ref, storage)
 
 
