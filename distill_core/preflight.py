@@ -3,28 +3,55 @@
 from __future__ import annotations
 
 import json
-
-import fsspec
+from pathlib import Path
 
 from distill_core.config import RunConfig
 from distill_core.errors import ConfigError, TeacherError
+from distill_core.storage import Storage, fs_for, local_copy
 
 
-def teacher_config(teacher_path: str, storage_options: dict | None = None) -> dict:
-    with fsspec.open(f"{teacher_path.rstrip('/')}/config.json", "r", **(storage_options or {})) as f:
-        return json.load(f)
+def teacher_config(teacher_path: str, storage: Storage) -> dict:
+    """The teacher's ``config.json`` from a local folder or an fsspec URL (read with ``storage``'s
+    options, e.g. an S3 endpoint and credentials, when the URL has the storage root's protocol)."""
+    fs, root = fs_for(teacher_path, storage)
+    path = f"{root.rstrip('/')}/config.json"
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise TeacherError(f"teacher folder {teacher_path} has no config.json: resolve the teacher again.") from None
+
+
+# The setting of each cache stage that takes a top-k over the teacher's logits.
+TOPK_FIELDS = {"topk": "k", "samples": "soft_topk"}
+
+
+def check_stage(kind: str, cfg, vocab_size: int) -> None:
+    """Raise ConfigError when cache stage ``kind``'s settings ``cfg`` cannot work with a teacher of
+    ``vocab_size`` logits: a top-k over more ids than there are cannot be taken. Run by
+    :func:`check_run` and again when a stage is planned, as a stage may run alone after its config changed."""
+    field = TOPK_FIELDS.get(kind)
+    k = getattr(cfg, field) if field else 0
+    if k > vocab_size:
+        raise ConfigError(
+            f"{kind}.{field} is {k} but the teacher's vocabulary has only {vocab_size} tokens: set {kind}.{field} to at "
+            f"most {vocab_size} (a few dozen keep nearly all of the probability mass)."
+        )
 
 
 def check_run(cfg: RunConfig, teacher) -> None:
     """Raise ConfigError/TeacherError for settings that cannot work with this teacher.
 
-    ``teacher`` is a resolved TeacherRef (vocab_size, num_layers, path)."""
-    tcfg = teacher_config(teacher.path, cfg.storage.options)
+    ``teacher`` is a resolved TeacherRef (vocab_size, num_layers, path, tokenizer_hash)."""
+    storage = Storage(cfg.storage.root, cfg.storage.options)
+    tcfg = teacher_config(teacher.path, storage)
     max_positions = tcfg.get("n_positions") or tcfg.get("max_position_embeddings")
     if max_positions and cfg.data.seq_len > max_positions:
         raise ConfigError(
             f"data.seq_len {cfg.data.seq_len} exceeds the teacher's context of {max_positions} tokens: lower data.seq_len."
         )
+    for kind in TOPK_FIELDS:
+        check_stage(kind, getattr(cfg, kind), teacher.vocab_size)
     student = cfg.student
     if student.init == "teacher_layers" and student.layers is not None:
         bad = [i for i in student.layers if i >= teacher.num_layers]
@@ -33,17 +60,7 @@ def check_run(cfg: RunConfig, teacher) -> None:
                 f"student.layers {bad} are out of range: the teacher has {teacher.num_layers} layers (0..{teacher.num_layers - 1})."
             )
     if student.init == "pretrained":
-        from transformers import AutoConfig
-
-        try:
-            vocab = AutoConfig.from_pretrained(student.pretrained).vocab_size
-        except OSError as e:
-            raise TeacherError(f"cannot read the pretrained student {student.pretrained!r}: {e}. Check the path or hub id.") from None
-        if vocab != teacher.vocab_size:
-            raise TeacherError(
-                f"student vocabulary ({vocab} tokens, {student.pretrained}) differs from the teacher's "
-                f"({teacher.vocab_size}): distillation needs a shared tokenizer; pick a student of the teacher's family."
-            )
+        check_pretrained_student(student.pretrained, teacher, storage)
     if student.init == "pruned":
         from transformers import AutoConfig
 
@@ -51,3 +68,29 @@ def check_run(cfg: RunConfig, teacher) -> None:
 
         fields = dict(tcfg)
         check_request(AutoConfig.for_model(fields.pop("model_type"), **fields), student)
+
+
+def check_pretrained_student(pretrained: str, teacher, storage: Storage) -> None:
+    """The pretrained student's config and tokenizer (no weights) must match the teacher's
+    vocabulary and tokenizer; ``pretrained`` is a local folder, an fsspec URL or a hub id."""
+    from transformers import AutoConfig
+
+    from distill_core.student import check_pretrained_tokenizer
+
+    folder: str | Path = pretrained
+    try:
+        if "://" in pretrained:
+            folder = local_copy(pretrained, storage, weights=False)
+        elif Path(pretrained).expanduser().exists():
+            folder = Path(pretrained).expanduser()
+        vocab = AutoConfig.from_pretrained(folder).vocab_size
+    except (OSError, ValueError) as e:
+        raise TeacherError(
+            f"cannot read the pretrained student {pretrained!r}: {e}. Check the path or hub id (a folder saved with save_pretrained)."
+        ) from None
+    if vocab != teacher.vocab_size:
+        raise TeacherError(
+            f"student vocabulary ({vocab} tokens, {pretrained}) differs from the teacher's "
+            f"({teacher.vocab_size}): distillation needs a shared tokenizer; pick a student of the teacher's family."
+        )
+    check_pretrained_tokenizer(folder, pretrained, vocab, teacher.tokenizer_hash)

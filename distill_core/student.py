@@ -19,7 +19,7 @@ from distill_core.config import StudentConfig
 from distill_core.errors import TeacherError
 from distill_core.pruning.slicing import PrunePlan, prune
 from distill_core.storage import Storage, local_copy
-from distill_core.teacher.load import tokenizer_hash
+from distill_core.teacher.load import check_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_to
     Its logits must have ``teacher_vocab_size`` columns; with ``teacher_tokenizer_hash`` its
     tokenizer (saved beside it) must also hash the same, i.e. map text to the same ids.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder: str | Path = path_or_id
     if "://" in path_or_id:
@@ -177,18 +177,29 @@ def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_to
             "choose a student that shares the teacher's tokenizer, or use student.init='teacher_layers'."
         )
     if teacher_tokenizer_hash is not None:
-        try:
-            student_hash = tokenizer_hash(AutoTokenizer.from_pretrained(folder))
-        except (OSError, ValueError, TypeError) as e:
-            raise TeacherError(
-                f"cannot check the tokenizer of student {path_or_id} ({e}): save its tokenizer beside it."
-            ) from e
-        if student_hash != teacher_tokenizer_hash:
-            raise TeacherError(
-                f"student {path_or_id} has the teacher's vocabulary size but another tokenizer "
-                f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer."
-            )
+        check_pretrained_tokenizer(folder, path_or_id, rows, teacher_tokenizer_hash)
     return model
+
+
+def check_pretrained_tokenizer(folder: str | Path, path_or_id: str, vocab_size: int, teacher_tokenizer_hash: str) -> None:
+    """Raise TeacherError unless the tokenizer saved in ``folder`` (a local folder or hub id) covers
+    ``vocab_size`` logits and maps text to the same ids as the teacher's (its hash is
+    ``teacher_tokenizer_hash``): the registered student is saved with the teacher's tokenizer, so
+    weights trained on another tokenizer would be paired with the wrong one."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise TeacherError(f"cannot check the tokenizer of student {path_or_id} ({e}): save its tokenizer beside it.") from e
+    if Path(folder).is_dir():
+        check_tokenizer(tokenizer, vocab_size, folder, f"student {path_or_id}")
+    student_hash = tokenizer_hash(tokenizer)
+    if student_hash != teacher_tokenizer_hash:
+        raise TeacherError(
+            f"student {path_or_id} has the teacher's vocabulary size but another tokenizer "
+            f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer."
+        )
 
 
 def build_student(

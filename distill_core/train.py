@@ -266,8 +266,8 @@ def train_student(
     ``caches`` maps "topk" / "samples" / "beams" to CacheRefs; each term's source must be there."""
     from distill_core.batches import beams_stream, samples_stream, step_batches, topk_stream
     from distill_core.cache.ref import check_compatible
-    from distill_core.student import build_student, check_vocab
-    from distill_core.teacher.load import load_teacher
+    from distill_core.student import build_student, check_vocab, student_from_pretrained
+    from distill_core.teacher.load import load_teacher, load_tokenizer
 
     caches = caches or {}
     sources = sorted({t.source for t in terms})
@@ -282,19 +282,25 @@ def train_student(
     out = student_folder(name, student_cfg, train_cfg, terms, inputs)
     if storage.exists(f"{out}/model/{FINISHED}"):
         return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
-    teacher, tokenizer = load_teacher(teacher_ref, storage)
-    init = plan = None
-    if student_cfg.init == "pruned":
-        from distill_core.data import first_train_sequences
-        from distill_core.pruning.plan import plan_of, plan_student
+    if student_cfg.init == "pretrained":
+        # The teacher's weights play no part here: its ref has the vocabulary and tokenizer to check.
+        student = student_from_pretrained(student_cfg.pretrained, teacher_ref.vocab_size, teacher_ref.tokenizer_hash, storage=storage)
+        tokenizer = load_tokenizer(teacher_ref, storage)
+        init = None
+    else:
+        teacher, tokenizer = load_teacher(teacher_ref, storage)
+        init = plan = None
+        if student_cfg.init == "pruned":
+            from distill_core.data import first_train_sequences
+            from distill_core.pruning.plan import plan_of, plan_student
 
-        record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
-                              lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
-        plan = plan_of(record)
-        init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
-    student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan)
-    check_vocab(student, teacher)
-    del teacher
+            record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
+                                  lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
+            plan = plan_of(record)
+            init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
+        student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan)
+        check_vocab(student, teacher)
+        del teacher
     streams = {}
     if "data" in sources:
         streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed)

@@ -10,6 +10,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from distill_core.config import StorageConfig
+from distill_core.errors import DistilleryError
 from distill_core.storage import Storage
 
 @dataclass
@@ -25,6 +26,13 @@ class StorageEpoch(CachePolicy):
 # A task's result is reused when its inputs (stage config + input refs, which carry fingerprints),
 # its source code and its storage root's lifetime are unchanged.
 CONTENT = INPUTS + TASK_SOURCE + StorageEpoch()
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry condition (``retry_condition_fn``) of every task with retries: retry what may pass
+    (storage or network down), never a user error (a DistilleryError: config, data, teacher or cache
+    problems), which fails the same way on every attempt and whose message already names the fix."""
+    return not isinstance(state.data, DistilleryError)  # a task that raised fails with the exception as data
 
 
 def storage_of(cfg: StorageConfig) -> Storage:

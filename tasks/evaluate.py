@@ -10,10 +10,10 @@ from distill_core.data import DataRef
 from distill_core.evaluate import evaluate_students
 from distill_core.teacher.load import TeacherRef
 from distill_core.train import resolve_device
-from tasks.common import CONTENT, artifact_key, storage_of
+from tasks.common import CONTENT, artifact_key, storage_of, transient
 
 
-@task(name="evaluate", cache_policy=CONTENT, persist_result=True, retries=1)
+@task(name="evaluate", cache_policy=CONTENT, persist_result=True, retries=1, retry_condition_fn=transient)
 def evaluate(
     teacher: dict, students: dict[str, str], data: dict, cfg: EvalConfig, storage: StorageConfig, model_name: str,
     generation: bool = False, selection: bool = False, beams: BeamsConfig | None = None,

@@ -11,10 +11,10 @@ from distill_core import registry, registry_mlflow
 from distill_core.config import RunConfig
 from distill_core.evaluate import load_model
 from distill_core.version import CODE_VERSION
-from tasks.common import storage_of
+from tasks.common import storage_of, transient
 
 
-@task(name="register", retries=1)
+@task(name="register", retries=1, retry_condition_fn=transient)
 def register_student(config: RunConfig, run_id: str, teacher: dict, data: dict, caches: dict[str, dict],
                      student: dict, metrics: dict) -> dict:
     """Register ``student`` (a train result) unless this very model is registered already."""

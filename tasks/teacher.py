@@ -13,14 +13,14 @@ from distill_core.cache import stage
 from distill_core.config import BeamsConfig, RunConfig, SamplesConfig, StorageConfig, TeacherConfig, TopKConfig
 from distill_core.data import DataRef
 from distill_core.errors import CacheError, DistilleryError
-from distill_core.preflight import check_run
+from distill_core.preflight import check_run, check_stage
 from distill_core.teacher.load import TeacherRef, load_teacher, resolve_teacher as _resolve
 from distill_core.teacher.jobs import job_for
 from distill_core.train import resolve_device
-from tasks.common import CONTENT, storage_of
+from tasks.common import CONTENT, storage_of, transient
 
 
-@task(name="resolve-teacher", cache_policy=CONTENT, persist_result=True, retries=1)
+@task(name="resolve-teacher", cache_policy=CONTENT, persist_result=True, retries=1, retry_condition_fn=transient)
 def resolve_teacher(teacher: TeacherConfig, storage: StorageConfig) -> dict:
     """Locate the teacher, convert it to safetensors once if needed; returns its TeacherRef."""
     return _resolve(teacher, storage_of(storage)).to_dict()
@@ -39,11 +39,6 @@ StageConfig = TopKConfig | SamplesConfig | BeamsConfig
 # run and worker: `prefect concurrency-limit create teacher-gpu 4` (stored as the global concurrency
 # limit `tag:teacher-gpu`). Without a limit the tag does nothing.
 GPU_TAG = "teacher-gpu"
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry what may pass (storage or network down), not a problem the user must fix."""
-    return not isinstance(state.data, DistilleryError)
 
 
 _teacher_lock = threading.Lock()
@@ -73,15 +68,16 @@ def _release_teacher() -> None:
 
 
 @task(name="plan-cache", task_run_name="plan-{kind}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_transient)
+      retry_condition_fn=transient)
 def plan_cache(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage: StorageConfig) -> list[str]:
     """Train data shards that still need this cache's teacher work (neither committed nor recorded)."""
+    check_stage(kind, cfg, teacher["vocab_size"])
     return stage.plan(job_for(kind, cfg, teacher, DataRef.from_dict(data)), DataRef.from_dict(data), storage_of(storage))
 
 
 @task(
     name="cache-shard", task_run_name="cache-{kind}-{shard}", tags=[GPU_TAG], cache_policy=NO_CACHE,
-    retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_transient,
+    retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=transient,
 )
 def cache_shard(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage: StorageConfig, shard: str) -> dict:
     """One cache shard for one train data shard, written with its commit record (not yet in the manifest)."""
@@ -92,12 +88,16 @@ def cache_shard(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage:
 
 
 @task(name="commit-cache", task_run_name="commit-{kind}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_transient)
+      retry_condition_fn=transient)
 def commit_cache(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage: StorageConfig, written: list) -> dict:
     """Commit every recorded shard in one manifest write. ``written`` holds each shard task's entry, or
     its exception when it failed after its retries (the flow passes them with ``allow_failure``)."""
     _release_teacher()  # the shard tasks in this process are done: free the teacher for training
     failed = [w for w in written if isinstance(w, BaseException)]
+    user_error = next((w for w in failed if isinstance(w, DistilleryError)), None)
+    if user_error is not None:
+        # Rerunning the stage would fail the same way: the shard's own message names the fix.
+        raise type(user_error)(f"{len(failed)} of {len(written)} {kind} shard tasks failed, one with: {user_error}") from user_error
     if failed:
         # Nothing to commit for readers (they need every shard); finished shards keep their records,
         # so the rerun computes only these.

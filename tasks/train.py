@@ -13,14 +13,15 @@ from distill_core.config import LossTerm, StorageConfig, StudentConfig, TrainCon
 from distill_core.data import DataRef
 from distill_core.teacher.load import TeacherRef
 from distill_core.train import train_student as _train
-from tasks.common import CONTENT, progress_reporter, storage_of
+from tasks.common import CONTENT, progress_reporter, storage_of, transient
 
 # Test hook for fault injection: with DISTILLERY_FAIL_AT_STEP=N set, training raises right after
 # step N (after that step's checkpoint, if one falls there). Never set it in production.
 FAIL_AT_STEP_ENV = "DISTILLERY_FAIL_AT_STEP"
 
 
-@task(name="train-student", cache_policy=CONTENT, persist_result=True, retries=1, task_run_name="train-{name}")
+@task(name="train-student", cache_policy=CONTENT, persist_result=True, retries=1, retry_condition_fn=transient,
+      task_run_name="train-{name}")
 def train_student(
     name: str, terms: list[LossTerm], student: StudentConfig, train: TrainConfig, storage: StorageConfig,
     teacher: dict, data: dict, caches: dict[str, dict],

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 
-def build_tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE trained on Python's pydoc topics: real merges, tiny vocabulary."""
+def build_tiny_tokenizer(vocab_size: int = 384, first_topic: int = 0):
+    """A byte-level BPE trained on 20 of Python's pydoc topics from ``first_topic`` on: real merges, tiny vocabulary."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -27,7 +27,7 @@ def build_tiny_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(topics.values())[:20], trainer=trainer)
+    tok.train_from_iterator(list(topics.values())[first_topic : first_topic + 20], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
@@ -53,6 +53,12 @@ def _local_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer():
+    """A tokenizer of the tiny tokenizer's size (384) trained on other text: the same ids mean other tokens."""
+    return build_tiny_tokenizer(first_topic=20)
 
 
 @pytest.fixture(scope="session")

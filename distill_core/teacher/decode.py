@@ -251,19 +251,30 @@ class StaticPlan:
         from transformers import StaticCache
 
         self._kept["lock"].acquire()
-        kept, model = self._kept, self.model
-        weight = next(model.parameters())
-        shape = (self.rows, self.cache_len, weight.dtype, weight.device)
-        if kept.get("shape") != shape:
-            kept["shape"], kept["cache"] = shape, StaticCache(config=model.config, max_cache_len=self.cache_len)
-        self.cache = kept["cache"]
-        self.step = model
-        if self.compile:
-            if "compiled" not in kept:
-                mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
-                kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
-            self.step = kept["compiled"]
-        self.cuda_graphs = self.compile and model_device(model).type == "cuda"
+        try:
+            kept, model = self._kept, self.model
+            weight = next(model.parameters())
+            shape = (self.rows, self.cache_len, weight.dtype, weight.device)
+            if kept.get("shape") != shape:
+                # Drop the old cache first: its memory is free for the new one, and a failed
+                # allocation leaves no cache recorded under either shape.
+                kept.pop("shape", None)
+                kept.pop("cache", None)
+                kept["cache"] = StaticCache(config=model.config, max_cache_len=self.cache_len)
+                kept["shape"] = shape
+            self.cache = kept["cache"]
+            self.step = model
+            if self.compile:
+                if "compiled" not in kept:
+                    mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
+                    kept["compiled"] = torch.compile(model.__call__, mode=mode, fullgraph=False, dynamic=False)
+                self.step = kept["compiled"]
+            self.cuda_graphs = self.compile and model_device(model).type == "cuda"
+        except BaseException:
+            # `with` runs __exit__ only after __enter__ returned: release here, or every later call on
+            # this model (every later shard task in the process) waits on the lock for ever.
+            self._kept["lock"].release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -128,13 +128,16 @@ def load_teacher(ref: TeacherRef, storage: Storage, device: str | torch.device =
 
 
 def load_tokenizer(ref: TeacherRef, storage: Storage):
-    """The teacher's tokenizer, with a pad token (the EOS token when the tokenizer has none).
+    """The teacher's tokenizer, with a pad token (the EOS token when the tokenizer has none), checked
+    to cover the model's vocabulary (see :func:`check_tokenizer`).
 
     Padding with EOS is safe because padded positions are masked out of every loss and cache.
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_local_folder(ref, storage, weights=False))
+    folder = _local_folder(ref, storage, weights=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_tokenizer(tokenizer, ref.vocab_size, folder, f"teacher {ref.path}")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise TeacherError(
@@ -144,6 +147,49 @@ def load_tokenizer(ref: TeacherRef, storage: Storage):
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer of %s has no pad token; using EOS %r for padding", ref.source, tokenizer.eos_token)
     return tokenizer
+
+
+# Plain text every real tokenizer of a language model encodes to a few ids.
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
+# What a saved tokenizer consists of: one of these three, plus tokenizer_config.json.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def check_tokenizer(tokenizer, vocab_size: int, folder: str | Path, what: str) -> None:
+    """Raise TeacherError unless ``tokenizer`` covers a model whose logits have ``vocab_size`` columns.
+
+    A folder saved without its tokenizer still loads one: transformers builds, from the model's
+    config, a tokenizer holding only its special tokens, which encodes every text to nothing, so a
+    run would train on EOS alone. Refused: more tokens than logits; fewer than half as many (padding
+    an embedding matrix adds a few rows, never doubles it); :data:`PROBE_TEXT` encoding to nothing,
+    to unknown tokens only, or to ids past the logits. ``folder`` is the local folder it was loaded
+    from (its files are named in the message); ``what`` names the model, e.g. ``"teacher <path>"``.
+    """
+    n = len(tokenizer)
+    tokens = f"{n} token{'s' * (n != 1)}"
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    if n > vocab_size or any(i >= vocab_size for i in ids):
+        raise TeacherError(
+            f"{what}: the tokenizer has {tokens} (ids up to {max([n - 1, *ids])}) but the model only {vocab_size} "
+            "logits: save the tokenizer that belongs to this model beside it (tokenizer.save_pretrained)."
+        )
+    if 2 * n < vocab_size or not ids or all(i == unknown for i in ids):
+        encoded = "to nothing" if not ids else f"to unknown tokens only ({ids})" if all(i == unknown for i in ids) else f"to {ids}"
+        raise TeacherError(
+            f"{what}: the tokenizer has {tokens} for a model of {vocab_size} and encodes {PROBE_TEXT!r} {encoded}; "
+            f"{_tokenizer_files_found(folder)}. The tokenizer was not saved with the model: save it beside the model "
+            "(tokenizer.save_pretrained(<model folder>)) and run again."
+        )
+
+
+def _tokenizer_files_found(folder: str | Path) -> str:
+    folder = Path(folder)
+    present = [name for group in TOKENIZER_FILES for name in group if (folder / name).is_file()]
+    config = (folder / "tokenizer_config.json").is_file()
+    wanted = " or ".join(" + ".join(group) for group in TOKENIZER_FILES) + ", with tokenizer_config.json"
+    found = ", ".join(present + ["tokenizer_config.json"] * config) or "none of them"
+    return f"the folder needs {wanted}; found {found}"
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -359,11 +405,7 @@ def _ref_from_folder(folder: Path, *, source: str, path: str, fingerprint: str) 
             f"teacher {path} has no usable tokenizer ({e}): save it into the same folder with tokenizer.save_pretrained."
         ) from e
     vocab_size = int(config.vocab_size)
-    if len(tokenizer) > vocab_size:
-        raise TeacherError(
-            f"teacher {path}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} logits: "
-            "save the tokenizer that belongs to this model."
-        )
+    check_tokenizer(tokenizer, vocab_size, folder, f"teacher {path}")
     return TeacherRef(
         source=source,
         path=path,
@@ -427,6 +469,7 @@ def _local_folder(ref: TeacherRef, storage: Storage, *, weights: bool) -> Path:
 
 __all__ = [
     "TeacherRef",
+    "check_tokenizer",
     "compute_dtype",
     "embedded_gguf_path",
     "load_teacher",

@@ -175,3 +175,10 @@ def test_count_parameters_counts_tied_weights_once(tiny_teacher):
     unique = {id(p): p.numel() for p in tiny_teacher.parameters()}
     assert count_parameters(tiny_teacher) == sum(unique.values())
     assert count_parameters(tiny_teacher) < sum(v.numel() for v in tiny_teacher.state_dict().values())
+
+
+def test_pretrained_student_saved_without_its_tokenizer_is_refused(tmp_path, tiny_tokenizer):
+    bare = tmp_path / "bare"
+    _tiny_gpt2(vocab_size=384, layers=1).save_pretrained(bare)
+    with pytest.raises(TeacherError, match=f"student {bare}: the tokenizer has 1 token for a model of 384.*save it beside the model"):
+        student_from_pretrained(str(bare), 384, tokenizer_hash(tiny_tokenizer))

@@ -1,15 +1,21 @@
 import copy
+import json
+import math
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from distill_core.batches import Batch, StepBatch, step_batches, topk_stream
-from distill_core.config import DataConfig, LossTerm, TopKConfig, TrainConfig
+from distill_core.config import DataConfig, LossTerm, PathTeacher, StudentConfig, TopKConfig, TrainConfig
 from distill_core.data import prepare_data
+from distill_core.errors import TeacherError
 from distill_core.losses.divergence import topk_targets_from_logits
 from distill_core.storage import Storage
+from distill_core.teacher import load as teacher_load
+from distill_core.teacher.load import load_tokenizer, resolve_teacher
 from distill_core.teacher.topk import cache_topk
-from distill_core.train import latest_checkpoint, loss_step, lr_lambda, train
+from distill_core.train import latest_checkpoint, loss_step, lr_lambda, train, train_student
 
 TERMS = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5)]
 
@@ -107,3 +113,43 @@ def test_training_lowers_the_loss(setup, tiny_teacher):
     first = result.history[0]["loss"]
     last = sum(h["loss"] for h in result.history[-5:]) / 5
     assert last < 0.85 * first
+
+
+# -- stage entry point: pretrained students ----------------------------------------------------------
+def _pretrained(folder, tokenizer) -> str:
+    """A 1-layer GPT-2 over 384 ids saved with ``tokenizer``; returns its folder."""
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _train_pretrained(storage: Storage, teacher_dir, pretrained: str):
+    ref = resolve_teacher(PathTeacher(path=str(teacher_dir)), storage)
+    tokenizer = load_tokenizer(ref, storage)
+    data = prepare_data(DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=8), tokenizer, ref.tokenizer_hash, storage)
+    cfg = TrainConfig(steps=1, batch_size=2, warmup_steps=0, device="cpu", baseline=False)
+    return ref, train_student("student", [LossTerm(name="ce")], StudentConfig(init="pretrained", pretrained=pretrained), cfg, storage, ref, data)
+
+
+def test_a_pretrained_student_with_another_tokenizer_is_refused(tmp_path, tiny_teacher_dir, other_tokenizer):
+    """Same vocabulary size, other tokenizer: the registered folder would pair the teacher's tokenizer
+    with weights trained on another."""
+    storage = Storage(str(tmp_path / "root"))
+    other = _pretrained(tmp_path / "other", other_tokenizer)
+    with pytest.raises(TeacherError, match=f"student {other} has the teacher's vocabulary size but another tokenizer"):
+        _train_pretrained(storage, tiny_teacher_dir, other)
+    assert not storage.exists("students")
+
+
+def test_a_pretrained_student_on_s3_trains_without_loading_the_teacher(tmp_path, s3_storage, tiny_teacher_dir, tiny_tokenizer, monkeypatch):
+    s3_storage.upload_dir(_pretrained(tmp_path / "student", tiny_tokenizer), "pretrained")
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a pretrained student needs the teacher's tokenizer, not its weights")
+
+    monkeypatch.setattr(teacher_load, "load_teacher", no_teacher)
+    ref, result = _train_pretrained(s3_storage, tiny_teacher_dir, s3_storage.url("pretrained"))
+    assert result.steps == 1 and math.isfinite(result.final_loss)
+    saved = json.loads(s3_storage.read_bytes(f"{result.model_folder}/config.json"))
+    assert (saved["n_layer"], saved["vocab_size"]) == (1, 384)
+    assert s3_storage.exists(f"{result.model_folder}/tokenizer.json")

@@ -17,6 +17,7 @@ from distill_core.storage import Storage
 from distill_core.teacher import load as teacher_load
 from distill_core.teacher.load import (
     TeacherRef,
+    check_tokenizer,
     embedded_gguf_path,
     load_teacher,
     load_tokenizer,
@@ -117,6 +118,39 @@ def test_path_without_config_raises_naming_it(tmp_path, tiny_teacher_dir, storag
     (broken / "config.json").unlink()
     with pytest.raises(TeacherError, match=f"{re.escape(str(broken))} has no config.json.*save_pretrained"):
         resolve_teacher(PathTeacher(path=str(broken)), storage)
+
+
+def test_teacher_saved_without_its_tokenizer_is_refused_naming_the_files(tmp_path, tiny_teacher, storage):
+    """transformers builds a 1-token tokenizer for such a folder, which encodes every text to nothing."""
+    bare = tmp_path / "no-tokenizer"
+    tiny_teacher.save_pretrained(bare)
+    message = (
+        rf"teacher {re.escape(str(bare))}: the tokenizer has 1 token for a model of 384 and encodes .* to nothing; "
+        r"the folder needs tokenizer.json or vocab.json \+ merges.txt or tokenizer.model, with tokenizer_config.json; "
+        r"found none of them.*save it beside the model"
+    )
+    with pytest.raises(TeacherError, match=message):
+        resolve_teacher(PathTeacher(path=str(bare)), storage)
+
+
+def test_load_refuses_a_teacher_whose_tokenizer_went_missing(tmp_path, tiny_teacher_dir, storage):
+    copy = shutil.copytree(tiny_teacher_dir, tmp_path / "copy")
+    ref = resolve_teacher(PathTeacher(path=str(copy)), storage)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / name).unlink()
+    with pytest.raises(TeacherError, match="1 token for a model of 384.*found none of them"):
+        load_tokenizer(ref, storage)
+    with pytest.raises(TeacherError, match="1 token for a model of 384"):
+        load_teacher(ref, storage)
+
+
+def test_tokenizer_must_cover_the_models_vocabulary(tiny_tokenizer):
+    check_tokenizer(tiny_tokenizer, 384, "unused", "teacher t")  # its own model
+    check_tokenizer(tiny_tokenizer, 400, "unused", "teacher t")  # a padded embedding matrix
+    with pytest.raises(TeacherError, match=r"teacher t: the tokenizer has 384 tokens \(ids up to 383\) but the model only 300"):
+        check_tokenizer(tiny_tokenizer, 300, "unused", "teacher t")
+    with pytest.raises(TeacherError, match="teacher t: the tokenizer has 384 tokens for a model of 1000 and encodes"):
+        check_tokenizer(tiny_tokenizer, 1000, "unused", "teacher t")
 
 
 # -- GGUF ------------------------------------------------------------------------------------------

@@ -133,6 +133,29 @@ def test_threads_sharing_a_model_take_turns_with_its_static_cache(tiny_teacher, 
         together = list(pool.map(job, range(4)))
     assert together == alone
 
+
+def test_a_failed_static_cache_allocation_releases_the_models_lock(tiny_llama, make_prompts, monkeypatch):
+    """Out of memory while allocating the static cache must not leave the model locked for later calls."""
+    import transformers
+
+    from distill_core.teacher.decode import StaticPlan
+
+    prompts = make_prompts(3, seed=1)
+    expected = completions(run(tiny_llama, prompts, static_cache=True))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for the static cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers, "StaticCache", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            run(tiny_llama, prompts, static_cache=True, batch_size=2)  # a new shape: a new cache
+    lock = StaticPlan._per_model[tiny_llama]["lock"]
+    assert lock.acquire(timeout=1)
+    lock.release()
+    assert "shape" not in StaticPlan._per_model[tiny_llama]  # the failed shape was not recorded
+    assert completions(run(tiny_llama, prompts, static_cache=True)) == expected  # the next call works
+
 def teacher_logprobs(model, prompt, completion, temperature=1.0):
     """Log-softmax of a plain teacher forward over prompt + completion, at the completion positions: [n, V]."""
     ids = torch.tensor([prompt + completion])
