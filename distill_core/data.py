@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SPLIT_RULE = "token-share/1"
 SHARE_TOLERANCE = 0.25  # warn when validation's token share misses the fraction by more than this share of it
 TOKENIZE_BATCH_DOCS = 256  # documents per tokenizer call ...
-TOKENIZE_BATCH_CHARS = 4_000_000  # ... or fewer, once they hold this many characters
+TOKENIZE_BATCH_CHARS = 1_000_000  # ... or fewer, once they hold this many characters (~50 MiB of encodings)
 
 
 @dataclass(frozen=True)
