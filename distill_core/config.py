@@ -62,7 +62,7 @@ class DataConfig(_Model):
     split: str = Field("train", description="Split of the source to read.")
     text_field: str = Field("text", description="Column holding the document text.")
     seq_len: int = Field(128, ge=8, le=32768, description="Tokens per packed training sequence.")
-    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of documents held out for validation.")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of tokens held out for validation, in whole documents.")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling).")
     max_train_sequences: int | None = Field(None, ge=1, description="Keep at most this many training sequences.")
     max_validation_sequences: int | None = Field(None, ge=1, description="Keep at most this many validation sequences.")

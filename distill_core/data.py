@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -84,8 +85,8 @@ def assign_validation(keys: np.ndarray, sizes: np.ndarray, fraction: float) -> n
     Documents are taken in key order (a shuffle fixed by the seed); each joins validation while it
     fits under ``fraction`` of all tokens, then a second walk adds any that still bring validation
     closer to that target. A document too large for validation stays in training and smaller ones
-    after it fill the share, so the token share lands near ``fraction`` whatever the sizes. Identical documents (equal keys) are
-    decided together: a text is never on both sides.
+    after it fill the share, so the token share lands near ``fraction`` whatever the sizes.
+    Identical documents (equal keys) are decided together: a text is never on both sides.
     """
     unique, group = np.unique(keys, return_inverse=True)
     group_sizes = np.bincount(group, weights=sizes, minlength=len(unique))
@@ -125,8 +126,8 @@ def pack(token_docs: Iterable[np.ndarray], seq_len: int, rows_per_chunk: int) ->
     """Concatenate documents (each already ending in EOS) and cut into rows of ``seq_len``.
 
     Yields int64 [rows, seq_len] chunks of ``rows_per_chunk`` rows as they fill (the last may be
-    shorter); the remainder under ``seq_len`` tokens is dropped. Holds at most one chunk plus one
-    document, however long the stream.
+    shorter); the remainder under ``seq_len`` tokens is dropped. Holds about one chunk plus one
+    document at a time, however long the stream.
     """
     chunk_tokens = seq_len * rows_per_chunk
     pending: list[np.ndarray] = []
@@ -228,13 +229,13 @@ def _selected_documents(stream, selected: np.ndarray) -> Iterator[str]:
 
 def _tokenize_to_file(docs: Iterable[str], tokenizer, path: Path, dtype: np.dtype) -> np.ndarray:
     """Tokenize ``docs`` in batches, appending their ids (no EOS) to ``path``; returns tokens per document, int64 [n]."""
-    lengths: list[int] = []
+    lengths = array("q")  # 8 bytes per document, not a Python int object each
     with open(path, "wb") as out:
         for batch in _batches(docs):
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 out.write(np.asarray(ids, dtype=dtype).tobytes())
                 lengths.append(len(ids))
-    return np.asarray(lengths, dtype=np.int64)
+    return np.frombuffer(lengths, dtype=np.int64).copy()
 
 
 def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
