@@ -62,7 +62,7 @@ class DataConfig(_Model):
     split: str = Field("train", description="Split of the source to read.")
     text_field: str = Field("text", description="Column holding the document text.")
     seq_len: int = Field(128, ge=8, le=32768, description="Tokens per packed training sequence.")
-    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of documents held out for validation.")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of tokens held out for validation, in whole documents.")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling).")
     max_train_sequences: int | None = Field(None, ge=1, description="Keep at most this many training sequences.")
     max_validation_sequences: int | None = Field(None, ge=1, description="Keep at most this many validation sequences.")
@@ -353,8 +353,44 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass the path of a YAML run config.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"{path}: key {e.key!r} is given twice (line {e.first} and line {e.second}), and YAML would silently "
+            "keep the last: delete one of them, or merge their contents into one."
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line and column.") from None
     return parse_config(raw, source=str(path))
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice, at any nesting level (merge keys ``<<`` aside)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in lines:
+                        raise _DuplicateKey(key, lines[key], line)
+                    lines[key] = line
+                except TypeError:  # an unhashable key: SafeLoader refuses it with its own error
+                    pass
+        return super().construct_mapping(node, deep)
 
 
 def parse_config(raw: dict, source: str = "config") -> RunConfig:

@@ -14,12 +14,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import fsspec
 
+COPY_CHUNK = 8 * 2**20  # bytes read at a time when copying a file (a teacher's weights may be many GB)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
@@ -128,11 +130,32 @@ class Storage:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=recursive)
 
+    def upload_file(self, local_file: str | Path, rel: str) -> None:
+        """Copy the local file ``local_file`` to ``rel`` in chunks (never whole in memory), atomically.
+
+        A local root gets a temporary name, then a rename; an object store gets ``put_file``, which
+        sends a large file in parts that become the object only when the last part is committed."""
+        path = self._path(rel)
+        if not self.is_local:
+            self.fs.put_file(str(local_file), path)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(local_file, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
-        """Copy every file under ``local_dir`` to ``rel`` (each file written atomically)."""
+        """Copy every file under ``local_dir`` to ``rel`` (each file streamed and written atomically)."""
         local_dir = Path(local_dir)
         for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            self.write_bytes(f"{rel}/{file.relative_to(local_dir).as_posix()}", file.read_bytes())
+            self.upload_file(file, f"{rel}/{file.relative_to(local_dir).as_posix()}")
 
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
         """Copy every file under ``rel`` into ``local_dir``; returns ``local_dir``."""

@@ -42,3 +42,29 @@ def test_missing_config_file_says_so(tmp_path):
 def test_json_schema_has_descriptions_and_choices():
     schema = RunConfig.model_json_schema()
     assert "forward_kl" in str(schema) and "description" in str(schema["$defs"]["TopKConfig"])
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  lr: 0.001\ndata:\n  seq_len: 64\ntrain:\n  steps: 5\n", "train", (1, 5)),
+    ("train:\n  lr: 0.001\n  steps: 5\n  lr: 0.01\n", "lr", (2, 4)),
+])
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"key '{key}' is given twice \(line {lines[0]} and line {lines[1]}\).*delete one"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  <<: {lr: 0.001, steps: 3}\n  lr: 0.01\n")
+    assert load_config(path).train.lr == 0.01
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}:4:1: YAML syntax error:"), message

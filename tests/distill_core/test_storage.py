@@ -1,7 +1,10 @@
 import json
+import tracemalloc
 
+import numpy as np
 import pytest
 
+import distill_core.storage as storage_module
 from distill_core.storage import Storage, fingerprint, local_copy
 
 
@@ -84,3 +87,47 @@ def test_local_copy_without_weights_skips_weight_files(s3_storage, tmp_path, mon
     assert full == meta
     assert (full / "model.safetensors").read_bytes() == b"weights"
     assert (full / ".complete-all").is_file() and not (full / ".hidden").exists()
+
+
+def _big_file(path, size=6 * 2**20):
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def test_upload_dir_streams_each_file_in_chunks(tmp_path, monkeypatch):
+    data = _big_file(tmp_path / "src" / "model.safetensors")
+    monkeypatch.setattr(storage_module, "COPY_CHUNK", 2**16, raising=False)
+    storage = Storage(str(tmp_path / "root"))
+    tracemalloc.start()
+    try:
+        storage.upload_dir(tmp_path / "src", "teacher")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"uploading a 6 MiB file allocated {peak} bytes at once"
+    assert storage.read_bytes("teacher/model.safetensors") == data
+    assert storage.listdir("teacher") == ["model.safetensors"]
+
+
+def test_an_interrupted_upload_leaves_neither_a_partial_file_nor_a_temporary_one(tmp_path, monkeypatch):
+    _big_file(tmp_path / "src" / "model.safetensors")
+    storage = Storage(str(tmp_path / "root"))
+    storage.write_bytes("teacher/model.safetensors", b"old")
+
+    def fail_midway(src, dst, length):
+        dst.write(src.read(length))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage_module.shutil, "copyfileobj", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        storage.upload_dir(tmp_path / "src", "teacher")
+    assert storage.listdir("teacher") == ["model.safetensors"]
+    assert storage.read_bytes("teacher/model.safetensors") == b"old"
+
+
+def test_upload_dir_to_s3_round_trips_a_file(s3_storage, tmp_path):
+    data = _big_file(tmp_path / "src" / "w.bin")
+    s3_storage.upload_dir(tmp_path / "src", "teacher")
+    assert s3_storage.read_bytes("teacher/w.bin") == data and s3_storage.listdir("teacher") == ["w.bin"]
