@@ -15,6 +15,7 @@ from distill_core.config import DataConfig
 from distill_core.errors import DataError
 from distill_core.storage import Storage, fingerprint
 
+DATA_COLUMNS = ("seq_id", "input_ids")  # what _write_rows writes and the readers below read
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -208,13 +209,13 @@ def load_data_ref(storage: Storage, folder: str) -> DataRef:
 def read_sequences(storage: Storage, folder: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (shard name, seq_ids int64 [n], input_ids int64 [n, T]) for each committed shard of a split."""
     store = _open_split(storage, folder)
-    for entry, table in store.iter_tables():
+    for entry, table in store.iter_tables(DATA_COLUMNS):
         yield entry.name, table["seq_id"].to_numpy(), _list_column(table["input_ids"])
 
 
 def read_data_shard(storage: Storage, folder: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One committed shard of a split: seq_ids int64 [n], input_ids int64 [n, T]."""
-    table = _open_split(storage, folder).read_shard(name)
+    table = _open_split(storage, folder).read_shard(name, DATA_COLUMNS)
     return table["seq_id"].to_numpy(), _list_column(table["input_ids"])
 
 
