@@ -115,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             from flows.stages import STAGES
 
             config = load_config(args.config)
-            out = configured(STAGES[args.name], config)(config, args.run_id)
+            out = configured(STAGES[args.name], config)(run_id=args.run_id, config=config)
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "repair-cache":
             from flows.runners import configured
             from flows.stages import STAGES
 
             config = load_config(args.config)
-            out = {kind: configured(STAGES[f"cache_{kind}"], config)(config, args.run_id, recompute_damaged=True)
+            out = {kind: configured(STAGES[f"cache_{kind}"], config)(run_id=args.run_id, config=config, recompute_damaged=True)
                    for kind in config.train.caches()}
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "serve":

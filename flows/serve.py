@@ -1,8 +1,8 @@
 """Serve every deployment from one process, no worker needed: ``distillery serve`` / ``make serve``.
 
 The same deployments as ``deployments/prefect.yaml`` (a test keeps the two in step): ``nightly``
-on a cron schedule with a time zone, and one ``stage`` deployment per stage flow, to run a single
-stage on an existing run id from the UI. Parameters come from a run config file (default
+on a cron schedule with a time zone, and one ``stage-<flow name>`` deployment per stage flow (e.g.
+``train-student/stage-train-student``), to run a single stage on an existing run id from the UI. Parameters come from a run config file (default
 ``deployments/demo.yaml``), validated before anything is served.
 """
 
@@ -20,8 +20,12 @@ DEFAULT_CONFIG = DEPLOYMENTS_DIR / "demo.yaml"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 every night, in NIGHTLY_TIMEZONE (daylight saving handled)
 NIGHTLY_TIMEZONE = "Europe/Berlin"
 NIGHTLY_DEPLOYMENT = "nightly"
-STAGE_DEPLOYMENT = "stage"
 TAGS = ["distillery"]
+
+
+def stage_deployment_name(flow_name: str) -> str:
+    """``stage-<flow name>``: distinct names, so a list of deployments says which stage each one runs."""
+    return f"stage-{flow_name}"
 
 
 def run_parameters(config_file: str | Path = DEFAULT_CONFIG) -> dict:
@@ -47,7 +51,7 @@ def build_deployments(config_file: str | Path = DEFAULT_CONFIG) -> list:
     ]
     for stage, stage_flow in STAGES.items():
         deployments.append(stage_flow.to_deployment(
-            name=STAGE_DEPLOYMENT,
+            name=stage_deployment_name(stage_flow.name),
             parameters={"config": config},
             tags=[*TAGS, "stage"],
             description=f"The {stage} stage alone on an existing run id (fill in run_id).",

@@ -87,8 +87,14 @@ def test_parameter_forms_have_what_users_need():
         defs = schema["definitions"]
         assert schema["properties"]["config"]["$ref"] == "#/definitions/RunConfig"
         required = set(schema.get("required") or [])
-        if name == "stage":
-            assert "run_id" in required, flow_name  # the UI asks which run the stage works on
+        props = schema["properties"]
+        if name != "nightly":
+            assert name == f"stage-{flow_name}"  # a list of deployments says which stage each runs
+            assert "run_id" in required, flow_name  # the UI asks which run the stage works on, first
+            assert min(props, key=lambda p: props[p]["position"]) == "run_id"
+            assert "runs/" in props["run_id"]["description"] and "distillery run" in props["run_id"]["description"]
+            if "recompute_damaged" in props:
+                assert "checksum" in props["recompute_damaged"]["description"]
         else:
             assert "run_id" not in required
 
@@ -165,7 +171,7 @@ def test_prefect_deploy_all_against_a_local_server(tmp_path):
         assert set(found) == set(_served())
         for (flow_name, name), d in found.items():
             assert d["work_pool_name"] == POOL and d["entrypoint"] and parse_config(d["parameters"]["config"])
-            assert ("run_id" in d["parameter_openapi_schema"].get("required", [])) == (name == "stage")
+            assert ("run_id" in d["parameter_openapi_schema"].get("required", [])) == (name != "nightly")
         (schedule,) = found[(nightly.name, "nightly")]["schedules"]
         assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
     finally:
