@@ -2,8 +2,9 @@
 
 The same deployments as ``deployments/prefect.yaml`` (a test keeps the two in step): ``nightly``
 on a cron schedule with a time zone, and one ``stage-<flow name>`` deployment per stage flow (e.g.
-``train-student/stage-train-student``), to run a single stage on an existing run id from the UI. Parameters come from a run config file (default
-``deployments/demo.yaml``), validated before anything is served.
+``train-student/stage-train-student``), to run a single stage on an existing run id from the UI.
+Parameters come from a run config file (default ``deployments/demo.yaml``), validated before
+anything is served.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def test_serve_after_prefect_deploy_runs_a_stage_then_deploy_takes_it_back(tmp_p
         try:
             name = "prepare-data/stage-prepare-data"
             deadline = time.monotonic() + 120
-            while _deployments(api)[("prepare-data", "stage-prepare-data")]["work_pool_name"] is not None:
+            while "being served" not in (tmp_path / "serve.log").read_text():
                 assert time.monotonic() < deadline and served.poll() is None, (tmp_path / "serve.log").read_text()
                 time.sleep(1)
             override = {"storage": {"root": tiny_config.storage.root}, "data": {"max_train_sequences": 32}}
