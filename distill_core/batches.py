@@ -19,7 +19,7 @@ from distill_core.data import DataRef, read_data_shard
 from distill_core.errors import CacheError
 from distill_core.losses.signals import TopKTargets
 from distill_core.storage import Storage
-from distill_core.teacher.topk import read_topk_table
+from distill_core.teacher.topk import TOPK_COLUMNS, read_topk_table
 
 
 @dataclass
@@ -146,7 +146,7 @@ def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: i
             seq_ids, input_ids = read_data_shard(storage, data.train, data_name)
             out = {"input_ids": input_ids}
             if cache_name is not None:
-                c_seq, ids, lps, tail = read_topk_table(store.read_shard(cache_name), cache.meta["k"])
+                c_seq, ids, lps, tail = read_topk_table(store.read_shard(cache_name, TOPK_COLUMNS), cache.meta["k"])
                 if not np.array_equal(c_seq, seq_ids):
                     raise CacheError(f"{cache.folder}/{cache_name} rows do not match {data.train}/{data_name}: recompute the cache.")
                 out.update(topk_ids=ids, topk_logprobs=lps, tail_logprob=tail)
@@ -160,21 +160,24 @@ def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: i
 
 def samples_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int) -> RowStream:
     """Rows of teacher samples: prompt_ids, completion_ids (+ soft top-k over the completion)."""
-    return _prompted_stream(storage, data, cache, seed, lambda t: read_samples_table(t, cache.meta["soft_topk"]))
+    soft_k = cache.meta["soft_topk"]
+    return _prompted_stream(storage, data, cache, seed, lambda t: read_samples_table(t, soft_k), samples_columns(soft_k))
 
 
 def beams_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int) -> RowStream:
     """Rows of prompts, each with all N teacher beam candidates (best first) and their scores."""
     n = cache.meta["num_beams"]
-    return _prompted_stream(storage, data, cache, seed, lambda t: read_beams_table(t, n), table_rows_per_row=n)
+    return _prompted_stream(storage, data, cache, seed, lambda t: read_beams_table(t, n), BEAMS_COLUMNS, table_rows_per_row=n)
 
 
-def _prompted_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int, read, table_rows_per_row: int = 1) -> RowStream:
-    """A stream over the cache shards that cover the cache's prompts; ``read`` turns a shard into rows."""
+def _prompted_stream(storage: Storage, data: DataRef, cache: CacheRef, seed: int, read, columns: tuple[str, ...],
+                     table_rows_per_row: int = 1) -> RowStream:
+    """A stream over the cache shards that cover the cache's prompts; ``read`` turns a shard (which must
+    have ``columns``) into rows."""
     names = shards_for(cache, storage, data.train, rows=cache.meta["num_prompts"])
     store = cache.open(storage)
     sizes = {e.name: e.rows // table_rows_per_row for e in store.shards}
-    loaders = [lambda name=name: read(store.read_shard(name)) for name in names]
+    loaders = [lambda name=name: read(store.read_shard(name, columns)) for name in names]
     return RowStream(loaders, [sizes[name] for name in names], seed)
 
 
@@ -234,6 +237,14 @@ def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int) ->
             yield StepBatch({src: collate[src](next(it)) for src, it in its.items()})
 
     return batches
+
+
+def samples_columns(soft_k: int) -> tuple[str, ...]:
+    """The columns read_samples_table reads."""
+    return ("prompt_ids", "completion_ids") + (("topk_ids", "topk_logprobs", "tail_logprob") if soft_k else ())
+
+
+BEAMS_COLUMNS = ("prompt_ids", "completion_ids", "score")  # the columns read_beams_table reads
 
 
 def read_samples_table(table, soft_k: int) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ SPLIT_RULE = "token-share/1"
 SHARE_TOLERANCE = 0.25  # warn when validation's token share misses the fraction by more than this share of it
 TOKENIZE_BATCH_DOCS = 256  # documents per tokenizer call ...
 TOKENIZE_BATCH_CHARS = 1_000_000  # ... or fewer, once they hold this many characters (~50 MiB of encodings)
+DATA_COLUMNS = ("seq_id", "input_ids")  # what _write_rows writes and the readers below read
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,7 @@ def load_data_ref(storage: Storage, folder: str) -> DataRef:
 def read_sequences(storage: Storage, folder: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (shard name, seq_ids int64 [n], input_ids int64 [n, T]) for each committed shard of a split."""
     store = _open_split(storage, folder)
-    for entry, table in store.iter_tables():
+    for entry, table in store.iter_tables(DATA_COLUMNS):
         yield entry.name, table["seq_id"].to_numpy(), _list_column(table["input_ids"])
 
 
@@ -310,7 +311,7 @@ def first_train_sequences(storage: Storage, data: DataRef, n: int) -> np.ndarray
 
 def read_data_shard(storage: Storage, folder: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One committed shard of a split: seq_ids int64 [n], input_ids int64 [n, T]."""
-    table = _open_split(storage, folder).read_shard(name)
+    table = _open_split(storage, folder).read_shard(name, DATA_COLUMNS)
     return table["seq_id"].to_numpy(), _list_column(table["input_ids"])
 
 

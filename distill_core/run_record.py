@@ -16,8 +16,9 @@ import socket
 import uuid
 from typing import Any
 
+from distill_core.cache.shards import MANIFEST
 from distill_core.config import RunConfig, TrainConfig
-from distill_core.errors import ConfigError, RunLockedError
+from distill_core.errors import CacheError, ConfigError, RunLockedError
 from distill_core.storage import Storage
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -49,16 +50,41 @@ class RunRecord:
         return self.storage.exists(f"{self.folder}/stages/{stage}.json")
 
     def read_stage(self, stage: str) -> Any:
+        """A finished stage's output; refuses a stage that has not finished and one whose recorded
+        data or cache folder has been deleted since, each with the command that fixes it."""
+        writer = WRITTEN_BY.get(stage, stage)
         if not self.has_stage(stage):
             raise ConfigError(
-                f"stage {stage!r} has not finished for run {self.run_id}: run it first "
-                f"(distillery stage {stage} CONFIG --run-id {self.run_id})."
+                f"stage {stage!r} has not finished for run {self.run_id}: run {writer} first "
+                f"(distillery stage {writer} CONFIG --run-id {self.run_id})."
             )
-        return self.storage.read_json(f"{self.folder}/stages/{stage}.json")
+        output = self.storage.read_json(f"{self.folder}/stages/{stage}.json")
+        gone = [rel for rel in _committed_files(stage, output) if not self.storage.exists(rel)]
+        if gone:
+            raise CacheError(
+                f"stage {writer!r} finished for run {self.run_id} ({self.storage.url(self.folder)}/stages/{stage}.json), "
+                f"but its output was deleted since: {self.storage.url(gone[0])} is gone. Run it again with "
+                f"--refresh-cache, so that Prefect's task cache does not return the deleted result "
+                f"(distillery stage {writer} CONFIG --run-id {self.run_id} --refresh-cache), then this stage."
+            )
+        return output
 
     def read_caches(self, train: TrainConfig) -> dict[str, Any]:
         """{kind: CacheRef dict} for every teacher cache the run's loss terms train on."""
         return {kind: self.read_stage(f"cache_{kind}") for kind in train.caches()}
+
+
+# Stage records written by a stage of another name (the CLI and the deployments know stages by the writer).
+WRITTEN_BY = {"teacher": "prepare_data"}
+
+
+def _committed_files(stage: str, output: Any) -> list[str]:
+    """The manifests a stage's recorded output points at (relative to the root): data and teacher caches."""
+    if stage == "prepare_data":
+        return [f"{output['folder']}/{split}/{MANIFEST}" for split in ("train", "validation")]
+    if stage.startswith("cache_"):
+        return [f"{output['folder']}/{MANIFEST}"]
+    return []
 
 
 class RunLock:

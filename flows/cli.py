@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
 from distill_core.config import RunConfig, load_config
+from distill_core import errors
 from distill_core.errors import DistilleryError
 from distill_core.storage import Storage
 
@@ -34,6 +36,35 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
     return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+class QuietRefusals(logging.Filter):
+    """Keeps Prefect's console logs of a refusal (a :class:`DistilleryError`) off the terminal.
+
+    Prefect logs a failing task's and each enclosing flow's exception, with a traceback, before the
+    CLI prints the refusal once as ``error: ...``. Records with a DistilleryError attached, and
+    Prefect's "Finished in state Failed(...)" lines that quote one, are dropped from the console
+    handler only: the Prefect API (the UI's logs) still gets them in full. Other errors keep theirs."""
+
+    NAMES = tuple(sorted({cls.__name__ for cls in vars(errors).values()
+                          if isinstance(cls, type) and issubclass(cls, DistilleryError)}))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DistilleryError):
+            return False
+        message = record.getMessage()
+        return not any(f"{name}: " in message or f"{name}(" in message for name in self.NAMES)
+
+
+def quiet_refusals() -> None:
+    """Install :class:`QuietRefusals` on Prefect's console handlers (on the root logger once Prefect is imported)."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, QuietRefusals) for f in handler.filters):
+            handler.addFilter(QuietRefusals())
 
 
 REFRESH_HELP = (
@@ -71,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "refresh_cache", False):
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"  # read when Prefect is imported, below
     try:
+        if args.command in ("run", "stage", "repair-cache"):
+            quiet_refusals()
         if args.command == "run":
             from flows.nightly import nightly
             from flows.runners import configured
@@ -82,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             from flows.stages import STAGES
 
             config = load_config(args.config)
-            out = configured(STAGES[args.name], config)(config, args.run_id)
+            out = configured(STAGES[args.name], config)(run_id=args.run_id, config=config)
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "repair-cache":
             from flows.runners import configured
             from flows.stages import STAGES
 
             config = load_config(args.config)
-            out = {kind: configured(STAGES[f"cache_{kind}"], config)(config, args.run_id, recompute_damaged=True)
+            out = {kind: configured(STAGES[f"cache_{kind}"], config)(run_id=args.run_id, config=config, recompute_damaged=True)
                    for kind in config.train.caches()}
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "serve":

@@ -1,4 +1,7 @@
-"""One flow per stage, each runnable alone on an existing run id; inputs come from the run record."""
+"""One flow per stage, each runnable alone on an existing run id; inputs come from the run record.
+
+``run_id`` comes first in every stage flow, so that the deployments' forms ask for it first; call them
+with keywords (``stage(run_id=..., config=...)``)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from distill_core.config import RunConfig, caches_for
 from flows.lock import holds_run_lock
 from flows.naming import run_name
+from flows.overrides import merges_deployment_config
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
 from tasks.record import read_caches, read_stage, record_stage, start_run
@@ -18,9 +22,17 @@ from tasks.train import train_student
 
 
 @flow(name="prepare-data", flow_run_name=run_name("prepare-data"))
+@merges_deployment_config
 @holds_run_lock
-def prepare_data_flow(config: RunConfig, run_id: str) -> dict:
-    """Resolve the teacher, check the run against it, and tokenize + pack the data."""
+def prepare_data_flow(run_id: str, config: RunConfig) -> dict:
+    """Resolve the teacher, check the run against it, and tokenize + pack the data.
+
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+    """
     start_run(config, run_id)
     teacher = resolve_teacher(config.teacher, config.storage)
     preflight(config, teacher)
@@ -52,36 +64,68 @@ def _cache_stage(kind: str, config: RunConfig, run_id: str, recompute_damaged: b
 # Teacher stages run one shard at a time unless the caller picks a runner (flows.runners.configured:
 # threads, Dask, Ray).
 @flow(name="cache-topk", flow_run_name=run_name("cache-topk"), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@merges_deployment_config
 @holds_run_lock
-def cache_topk_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
+def cache_topk_flow(run_id: str, config: RunConfig, recompute_damaged: bool = False) -> dict:
     """Soft targets: the teacher's top-k log-probabilities (and tail mass) at every train position.
 
-    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+        recompute_damaged: First check every data shard and every shard of this cache against its
+            checksum, drop the damaged ones and compute them again (what `distillery repair-cache` does).
+    """
     return _cache_stage("topk", config, run_id, recompute_damaged)
 
 
 @flow(name="cache-samples", flow_run_name=run_name("cache-samples"), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@merges_deployment_config
 @holds_run_lock
-def cache_samples_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
+def cache_samples_flow(run_id: str, config: RunConfig, recompute_damaged: bool = False) -> dict:
     """Sequence-level KD: the teacher's sampled continuations of train prompts (+ optional soft targets).
 
-    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+        recompute_damaged: First check every data shard and every shard of this cache against its
+            checksum, drop the damaged ones and compute them again (what `distillery repair-cache` does).
+    """
     return _cache_stage("samples", config, run_id, recompute_damaged)
 
 
 @flow(name="cache-beams", flow_run_name=run_name("cache-beams"), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@merges_deployment_config
 @holds_run_lock
-def cache_beams_flow(config: RunConfig, run_id: str, recompute_damaged: bool = False) -> dict:
+def cache_beams_flow(run_id: str, config: RunConfig, recompute_damaged: bool = False) -> dict:
     """Distilled beam search: all of the teacher's beam candidates per train prompt, with scores.
 
-    recompute_damaged: first drop data and cache shards that fail their checksum, so they are recomputed."""
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+        recompute_damaged: First check every data shard and every shard of this cache against its
+            checksum, drop the damaged ones and compute them again (what `distillery repair-cache` does).
+    """
     return _cache_stage("beams", config, run_id, recompute_damaged)
 
 
 @flow(name="train-student", flow_run_name=run_name("train-student"))
+@merges_deployment_config
 @holds_run_lock
-def train_flow(config: RunConfig, run_id: str) -> dict:
-    """The distilled student and, when configured, a CE-only baseline with the same budget."""
+def train_flow(run_id: str, config: RunConfig) -> dict:
+    """The distilled student and, when configured, a CE-only baseline with the same budget.
+
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+    """
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
     caches = read_caches(config, run_id)
@@ -95,10 +139,18 @@ def train_flow(config: RunConfig, run_id: str) -> dict:
 
 
 @flow(name="evaluate", flow_run_name=run_name("evaluate"))
+@merges_deployment_config
 @holds_run_lock
-def evaluate_flow(config: RunConfig, run_id: str) -> dict:
+def evaluate_flow(run_id: str, config: RunConfig) -> dict:
     """Held-out metrics of teacher, student and baseline (+ sample and beam-selection metrics when
-    a student trains on those caches, or when asked for)."""
+    a student trains on those caches, or when asked for).
+
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+    """
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
     trained = read_stage(config, run_id, "train_student")
@@ -113,9 +165,17 @@ def evaluate_flow(config: RunConfig, run_id: str) -> dict:
 
 
 @flow(name="register", flow_run_name=run_name("register"))
+@merges_deployment_config
 @holds_run_lock
-def register_flow(config: RunConfig, run_id: str) -> dict:
-    """The student as a new registry version; the champion alias moves only if it wins."""
+def register_flow(run_id: str, config: RunConfig) -> dict:
+    """The student as a new registry version; the champion alias moves only if it wins.
+
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+    """
     teacher = read_stage(config, run_id, "teacher")
     data = read_stage(config, run_id, "prepare_data")
     caches = read_caches(config, run_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -189,8 +189,9 @@ class ShardStore:
         self._commit_manifest()
 
     # -- reading ------------------------------------------------------------------------------
-    def read_shard(self, name: str) -> pa.Table:
-        return read_shard(self.storage, self.folder, self._entry(name))
+    def read_shard(self, name: str, columns: Sequence[str] = ()) -> pa.Table:
+        """Shard ``name``; ``columns`` are the ones the caller reads, refused with the fix when absent."""
+        return read_shard(self.storage, self.folder, self._entry(name), columns)
 
     def _entry(self, name: str) -> ShardEntry:
         for s in self.shards:
@@ -198,28 +199,34 @@ class ShardStore:
                 return s
         raise CacheError(f"shard {name} is not committed in {self.storage.url(self.folder)}.")
 
-    def iter_tables(self) -> Iterator[tuple[ShardEntry, pa.Table]]:
+    def iter_tables(self, columns: Sequence[str] = ()) -> Iterator[tuple[ShardEntry, pa.Table]]:
         for entry in self.shards:
-            yield entry, read_shard(self.storage, self.folder, entry)
+            yield entry, read_shard(self.storage, self.folder, entry, columns)
 
 
 def read_manifest(storage: Storage, folder: str) -> dict[str, Any]:
     """Load and check a manifest; refuses a missing one and one from a newer schema."""
     rel = f"{folder.strip('/')}/{MANIFEST}"
     if not storage.exists(rel):
-        raise CacheError(f"no manifest at {storage.url(rel)}: the stage that writes it has not run or did not finish.")
+        raise CacheError(
+            f"no manifest at {storage.url(rel)}: the stage that writes it has not finished, or its output was "
+            "deleted since. Run that stage (again with --refresh-cache if it had finished)."
+        )
     manifest = storage.read_json(rel)
     version = manifest.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
+        writer = manifest.get("code_version") or "a newer version"
         raise CacheError(
-            f"{storage.url(rel)} has schema version {version}, newer than this code's {SCHEMA_VERSION}: "
-            "upgrade distillery to read it, or recompute the cache into a fresh folder."
+            f"{storage.url(rel)} has schema version {version}, newer than this code's {SCHEMA_VERSION} "
+            f"(distillery {CODE_VERSION}); it was written by distillery {writer}. Install that version (or a later "
+            "one) to use it, or point storage.root at another folder so this version computes its own."
         )
     return manifest
 
 
-def read_shard(storage: Storage, folder: str, entry: ShardEntry) -> pa.Table:
-    """Read one committed shard, refusing it when its bytes differ from the manifest's checksum."""
+def read_shard(storage: Storage, folder: str, entry: ShardEntry, columns: Sequence[str] = ()) -> pa.Table:
+    """Read one committed shard, refusing it when its bytes differ from the manifest's checksum or
+    when it lacks one of ``columns`` (a shard of another kind or layout under a matching checksum)."""
     rel = f"{folder.strip('/')}/{entry.name}"
     if not storage.exists(rel):
         raise CacheError(f"shard {storage.url(rel)} is listed in the manifest but missing: recompute the cache.")
@@ -230,7 +237,16 @@ def read_shard(storage: Storage, folder: str, entry: ShardEntry) -> pa.Table:
             "Run the stage that wrote it with recompute_damaged=True to recompute the damaged shards "
             "(for a teacher cache: `distillery repair-cache CONFIG --run-id RUN_ID`); finished shards are kept."
         )
-    return pq.read_table(io.BytesIO(data))
+    table = pq.read_table(io.BytesIO(data))
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise CacheError(
+            f"shard {storage.url(rel)} has the columns {table.column_names}, but its reader needs {list(columns)} "
+            f"(missing {missing}): the file is not a shard of this folder's layout, though the manifest lists its "
+            f"checksum. Delete {storage.url(rel)}, then run `distillery repair-cache CONFIG --run-id RUN_ID`, which "
+            "recomputes the missing shard; the other shards are kept."
+        )
+    return table
 
 
 def drop_damaged_shards(storage: Storage, folder: str) -> list[str]:

@@ -82,6 +82,9 @@ def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConf
     })
 
 
+TOPK_COLUMNS = ("seq_id", "ids", "logprobs", "tail_logprob")  # what _topk_table writes
+
+
 def read_topk_table(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Unpack a top-k shard: seq_ids [n], ids int64 [n, T-1, k], logprobs float32 [n, T-1, k], tail float32 [n, T-1]."""
     n = table.num_rows

@@ -68,3 +68,32 @@ def test_lock_on_s3(s3_storage):
         with pytest.raises(RunLockedError, match=r"s3://.*/runs/r1/\.lock"):
             RunLock(s3_storage, "r1").acquire()
     assert not s3_storage.exists("runs/r1/.lock")
+
+
+def test_a_stage_record_names_the_cli_stage_that_writes_it(storage):
+    from distill_core.run_record import RunRecord
+
+    with pytest.raises(ConfigError, match=r"stage 'teacher' has not finished for run r1: run prepare_data first "
+                                          r"\(distillery stage prepare_data CONFIG --run-id r1\)"):
+        RunRecord(storage, "r1").read_stage("teacher")
+    with pytest.raises(ConfigError, match=r"run cache_topk first \(distillery stage cache_topk CONFIG"):
+        RunRecord(storage, "r1").read_stage("cache_topk")
+
+
+def test_a_finished_stage_whose_output_was_deleted_says_refresh_cache(storage):
+    from distill_core.errors import CacheError
+    from distill_core.run_record import RunRecord
+
+    record = RunRecord(storage, "r1")
+    record.write_stage("prepare_data", {"folder": "data/fp"})
+    storage.write_json("data/fp/train/manifest.json", {})
+    storage.write_json("data/fp/validation/manifest.json", {})
+    assert record.read_stage("prepare_data") == {"folder": "data/fp"}
+    storage.remove("data/fp/train/manifest.json")
+    with pytest.raises(CacheError, match=r"stage 'prepare_data' finished for run r1 .*but its output was deleted since: "
+                                         r".*data/fp/train/manifest.json is gone.*"
+                                         r"distillery stage prepare_data CONFIG --run-id r1 --refresh-cache"):
+        record.read_stage("prepare_data")
+    record.write_stage("cache_topk", {"folder": "caches/topk/fp"})
+    with pytest.raises(CacheError, match=r"stage 'cache_topk' finished.*caches/topk/fp/manifest.json is gone"):
+        record.read_stage("cache_topk")

@@ -32,3 +32,39 @@ def test_bad_input_exits_2_with_the_fix(tmp_path, capsys):
     assert "topk.k" in err and "Fix these fields" in err
     assert main(["stage", "train_student", str(tmp_path / "missing.yaml"), "--run-id", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _cli(args, env_extra=None):
+    """The CLI in its own process against the test API: what a user's terminal shows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+
+
+def test_a_refusal_inside_a_flow_prints_one_error_line_and_no_traceback(tiny_config, tmp_path):
+    """Prefect logs a failing task's and every enclosing flow's exception; the terminal gets it once."""
+    raw = tiny_config.model_dump(mode="json")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    stage = _cli(["stage", "train_student", str(path), "--run-id", "never-prepared"])
+    assert stage.returncode == 2
+    assert "Traceback" not in stage.stderr and " ERROR " not in stage.stderr, stage.stderr
+    assert [line for line in stage.stderr.splitlines() if "error" in line.lower()] == [
+        "error: stage 'teacher' has not finished for run never-prepared: run prepare_data first "
+        "(distillery stage prepare_data CONFIG --run-id never-prepared)."
+    ]
+
+    raw["teacher"]["path"] = str(tmp_path / "no-such-teacher")  # refused three flows deep: task, stage, nightly
+    path.write_text(yaml.safe_dump(raw))
+    run = _cli(["run", str(path), "--run-id", "no-teacher"])
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and " ERROR " not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "no-such-teacher" in errors[0], run.stderr

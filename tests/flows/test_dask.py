@@ -16,8 +16,8 @@ def _shards(storage: Storage, folder: str) -> dict[str, bytes]:
 
 def test_topk_on_a_local_dask_cluster_of_two_workers_writes_the_single_process_bytes(tiny_config, tmp_path):
     config = tiny_config.model_copy(update={"runner": RunnerConfig(kind="dask", workers=2, processes=True)})
-    prepare_data_flow(config, "dask")
-    cache = configured(cache_topk_flow, config)(config, "dask")
+    prepare_data_flow(run_id="dask", config=config)
+    cache = configured(cache_topk_flow, config)(run_id="dask", config=config)
 
     # The same stage in one process (the library's whole-stage loop) over a copy of the same data.
     storage = Storage(config.storage.root)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +13,7 @@ import time
 import typing
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from prefect.cli.deploy._models import PrefectYamlModel
@@ -87,8 +91,14 @@ def test_parameter_forms_have_what_users_need():
         defs = schema["definitions"]
         assert schema["properties"]["config"]["$ref"] == "#/definitions/RunConfig"
         required = set(schema.get("required") or [])
-        if name == "stage":
-            assert "run_id" in required, flow_name  # the UI asks which run the stage works on
+        props = schema["properties"]
+        if name != "nightly":
+            assert name == f"stage-{flow_name}"  # a list of deployments says which stage each runs
+            assert "run_id" in required, flow_name  # the UI asks which run the stage works on, first
+            assert min(props, key=lambda p: props[p]["position"]) == "run_id"
+            assert "runs/" in props["run_id"]["description"] and "distillery run" in props["run_id"]["description"]
+            if "recompute_damaged" in props:
+                assert "checksum" in props["recompute_damaged"]["description"]
         else:
             assert "run_id" not in required
 
@@ -123,15 +133,16 @@ def test_failure_automation_is_valid_and_targets_the_nightly_flow():
         client.delete_automation(automation_id)
 
 
-# -- `prefect deploy --all` against a real `prefect server start` (about a minute on 2 cores) ------------
+# -- `prefect deploy --all` and `distillery serve` against a real `prefect server start` (about a minute each on 2 cores)
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_prefect_deploy_all_against_a_local_server(tmp_path):
+@contextlib.contextmanager
+def _local_server(tmp_path):
+    """A fresh `prefect server start` on loopback; yields (env for the CLI, API URL, run(*prefect args))."""
     port = _free_port()
     env = {
         **os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -141,8 +152,6 @@ def test_prefect_deploy_all_against_a_local_server(tmp_path):
     server = subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import httpx
-
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -153,21 +162,85 @@ def test_prefect_deploy_all_against_a_local_server(tmp_path):
             assert time.monotonic() < deadline, "prefect server did not start"
             time.sleep(1)
         run = lambda *args: subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)  # noqa: E731
-        pool = run("work-pool", "create", POOL, "--type", "process")
-        assert pool.returncode == 0, pool.stdout + pool.stderr
-        deploy = run("deploy", "--all", "--prefect-file", str(PREFECT_YAML))
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        api = env["PREFECT_API_URL"]
-        found = {}
-        for d in httpx.post(f"{api}/deployments/filter", json={}).json():
-            flow = httpx.get(f"{api}/flows/{d['flow_id']}").json()
-            found[(flow["name"], d["name"])] = d
-        assert set(found) == set(_served())
-        for (flow_name, name), d in found.items():
-            assert d["work_pool_name"] == POOL and d["entrypoint"] and parse_config(d["parameters"]["config"])
-            assert ("run_id" in d["parameter_openapi_schema"].get("required", [])) == (name == "stage")
-        (schedule,) = found[(nightly.name, "nightly")]["schedules"]
-        assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
+        yield env, env["PREFECT_API_URL"], run
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _deployments(api: str) -> dict[tuple[str, str], dict]:
+    found = {}
+    for d in httpx.post(f"{api}/deployments/filter", json={}).json():
+        flow = httpx.get(f"{api}/flows/{d['flow_id']}").json()
+        found[(flow["name"], d["name"])] = d
+    return found
+
+
+def _deploy_all(run) -> None:
+    deploy = run("deploy", "--all", "--prefect-file", str(PREFECT_YAML))
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+
+@pytest.mark.slow
+def test_prefect_deploy_all_against_a_local_server(tmp_path):
+    with _local_server(tmp_path) as (env, api, run):
+        pool = run("work-pool", "create", POOL, "--type", "process")
+        assert pool.returncode == 0, pool.stdout + pool.stderr
+        _deploy_all(run)
+        found = _deployments(api)
+        assert set(found) == set(_served())
+        for (flow_name, name), d in found.items():
+            assert d["work_pool_name"] == POOL and d["entrypoint"] and parse_config(d["parameters"]["config"])
+            assert ("run_id" in d["parameter_openapi_schema"].get("required", [])) == (name != "nightly")
+        (schedule,) = found[(nightly.name, "nightly")]["schedules"]
+        assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
+
+
+@pytest.mark.slow
+def test_serve_after_prefect_deploy_runs_a_stage_then_deploy_takes_it_back(tmp_path, tiny_config):
+    """The README's order: `prefect deploy --all`, then `distillery serve`; a served run completes (with a
+    partial config laid over the deployment's), stopping serve pauses the deployments, and a later
+    `prefect deploy --all` hands them back to the pool."""
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json")))
+    with _local_server(tmp_path) as (env, api, run):
+        assert run("work-pool", "create", POOL, "--type", "process").returncode == 0
+        _deploy_all(run)
+        log = (tmp_path / "serve.log").open("w")
+        serve_env = {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        served = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--config", str(config_file)],
+                                  env=serve_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            name = "prepare-data/stage-prepare-data"
+            deadline = time.monotonic() + 120
+            while "being served" not in (tmp_path / "serve.log").read_text():
+                assert time.monotonic() < deadline and served.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(1)
+            override = {"storage": {"root": tiny_config.storage.root}, "data": {"max_train_sequences": 32}}
+            started = run("deployment", "run", name, "--param", "run_id=served", "--param", f"config={json.dumps(override)}")
+            assert started.returncode == 0, started.stdout + started.stderr
+            deployment_id = _deployments(api)[("prepare-data", "stage-prepare-data")]["id"]
+            deadline = time.monotonic() + 300
+            while True:
+                (flow_run,) = httpx.post(f"{api}/flow_runs/filter",
+                                         json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}).json()
+                if flow_run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                    break
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(2)
+            assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], (tmp_path / "serve.log").read_text())
+            recorded = json.loads((Path(tiny_config.storage.root) / "runs/served/config.json").read_text())
+            assert recorded["data"]["max_train_sequences"] == 32  # the run's override
+            assert recorded["teacher"] == tiny_config.model_dump(mode="json")["teacher"]  # the deployment's value
+            assert recorded["data"]["seq_len"] == tiny_config.data.seq_len
+        finally:
+            served.send_signal(signal.SIGINT)
+            served.wait(timeout=60)
+            log.close()
+        after_serve = _deployments(api)
+        assert all(d["paused"] for d in after_serve.values()), {k: d["paused"] for k, d in after_serve.items()}
+
+        _deploy_all(run)
+        for key, d in _deployments(api).items():
+            assert d["work_pool_name"] == POOL and d["pull_steps"], key
+            assert not d["paused"], key

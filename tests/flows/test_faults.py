@@ -122,7 +122,7 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     other = Path(str(root) + "-uninterrupted")
     shutil.copytree(root, other, ignore=shutil.ignore_patterns("students", "registry"))
     fresh_config = tiny_config.model_copy(update={"storage": tiny_config.storage.model_copy(update={"root": str(other)})})
-    uninterrupted = train_flow(fresh_config, "retry-me")
+    uninterrupted = train_flow(run_id="retry-me", config=fresh_config)
     resumed = json.loads((root / "runs/retry-me/stages/train_student.json").read_text())
     assert resumed["student"]["model_folder"] == uninterrupted["student"]["model_folder"]
     weights = lambda r: load_file(r / resumed["student"]["model_folder"] / "model.safetensors")  # noqa: E731
@@ -160,7 +160,7 @@ KILLED_STAGE = textwrap.dedent("""
 
 def test_teacher_stage_killed_mid_shard_resumes_to_a_byte_identical_cache(tiny_config, monkeypatch):
     root = Path(tiny_config.storage.root)
-    prepare_data_flow(tiny_config, "killed")
+    prepare_data_flow(run_id="killed", config=tiny_config)
     proc = subprocess.run(
         [sys.executable, "-c", KILLED_STAGE, tiny_config.model_dump_json(), "killed"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -172,7 +172,7 @@ def test_teacher_stage_killed_mid_shard_resumes_to_a_byte_identical_cache(tiny_c
     computed = []
     real_table = topk_module._topk_table
     monkeypatch.setattr(topk_module, "_topk_table", lambda *a, **k: computed.append(1) or real_table(*a, **k))
-    cache = cache_topk_flow(tiny_config, "killed")
+    cache = cache_topk_flow(run_id="killed", config=tiny_config)
     assert len(computed) == 2  # only the two missing shards
     after = _files(root, ("caches/",))
     assert all(after[k] == v for k, v in survivors.items() if k.endswith(".parquet"))  # the survivor untouched
@@ -181,7 +181,7 @@ def test_teacher_stage_killed_mid_shard_resumes_to_a_byte_identical_cache(tiny_c
     other = Path(str(root) + "-uninterrupted")
     shutil.copytree(root, other, ignore=shutil.ignore_patterns("caches"))
     fresh = tiny_config.model_copy(update={"storage": tiny_config.storage.model_copy(update={"root": str(other)})})
-    reference = cache_topk_flow(fresh, "killed")
+    reference = cache_topk_flow(run_id="killed", config=fresh)
     assert reference["folder"] == cache["folder"]
     shards = sorted((root / cache["folder"]).glob("part-*.parquet"))
     assert len(shards) == 3
@@ -199,7 +199,7 @@ def test_second_run_on_a_busy_run_id_fails_fast_and_changes_nothing(tiny_config)
     lock = root / "runs/busy/.lock"
 
     for second in (lambda: nightly(tiny_config, run_id="busy", return_state=True),
-                   lambda: train_flow(tiny_config, "busy", return_state=True)):
+                   lambda: train_flow(run_id="busy", config=tiny_config, return_state=True)):
         state = second()
         assert state.is_failed()
         with pytest.raises(RunLockedError, match=rf"{lock}.*the-first-run.*Wait for that run to finish.*delete {lock}"):
@@ -208,15 +208,15 @@ def test_second_run_on_a_busy_run_id_fails_fast_and_changes_nothing(tiny_config)
     assert after == before  # nothing written, and the first run still holds its lock
 
     first.release()
-    prepare_data_flow(tiny_config, "busy")  # once the first run is done, the run id is free again
+    prepare_data_flow(run_id="busy", config=tiny_config)  # once the first run is done, the run id is free again
     assert not lock.exists()
 
 
 # -- (4) a cache shard damaged on disk -------------------------------------------------------------------
 def test_damaged_cache_shard_is_refused_then_recomputed_on_request(tiny_config):
     root = Path(tiny_config.storage.root)
-    prepare_data_flow(tiny_config, "damaged")
-    cache = cache_topk_flow(tiny_config, "damaged")
+    prepare_data_flow(run_id="damaged", config=tiny_config)
+    cache = cache_topk_flow(run_id="damaged", config=tiny_config)
     shards = sorted((root / cache["folder"]).glob("part-*.parquet"))
     original = {p.name: p.read_bytes() for p in shards}
     shards[0].write_bytes(original[shards[0].name][:-100])  # truncated
@@ -225,12 +225,12 @@ def test_damaged_cache_shard_is_refused_then_recomputed_on_request(tiny_config):
     shards[1].write_bytes(bytes(edited))
     intact = shards[2].stat().st_mtime_ns
 
-    state = train_flow(tiny_config, "damaged", return_state=True)
+    state = train_flow(run_id="damaged", config=tiny_config, return_state=True)
     assert state.is_failed()
     with pytest.raises(CacheError, match=r"does not match its manifest checksum.*recompute_damaged=True.*repair-cache"):
         state.result()
 
-    cache_topk_flow(tiny_config, "damaged", recompute_damaged=True)
+    cache_topk_flow(run_id="damaged", config=tiny_config, recompute_damaged=True)
     assert {p.name: p.read_bytes() for p in shards} == original
     assert shards[2].stat().st_mtime_ns == intact  # an intact shard is not rewritten
-    assert set(train_flow(tiny_config, "damaged")) == {"student", "baseline"}
+    assert set(train_flow(run_id="damaged", config=tiny_config)) == {"student", "baseline"}

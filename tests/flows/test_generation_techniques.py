@@ -61,6 +61,6 @@ def test_damaged_sample_shard_is_recomputed_on_request(tiny_config, tmp_path):
     (store_path / victim).write_bytes(before[victim][:-7])
     with pytest.raises(CacheError, match="checksum"):
         CacheRef.from_dict(ref).open(Storage(str(root))).read_shard(victim)
-    cache_samples_flow(config, "dmg", recompute_damaged=True)
+    cache_samples_flow(run_id="dmg", config=config, recompute_damaged=True)
     after = {p.name: p.read_bytes() for p in store_path.glob("part-*.parquet")}
     assert after == before  # the damaged shard is recomputed, byte for byte; the others untouched

@@ -76,7 +76,7 @@ def test_s3_outage_mid_shard_fails_the_stage_and_the_rerun_completes_only_missin
         config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
     )
     storage = Storage(config.storage.root, config.storage.options)
-    prepare_data_flow(config, "outage")
+    prepare_data_flow(run_id="outage", config=config)
     for t in (tasks.teacher.plan_cache, tasks.teacher.cache_shard, tasks.teacher.commit_cache):
         monkeypatch.setattr(t, "retry_delay_seconds", [0.1])
 
@@ -93,7 +93,7 @@ def test_s3_outage_mid_shard_fails_the_stage_and_the_rerun_completes_only_missin
 
     monkeypatch.setattr(topk, "_topk_table", table_then_outage)
     with pytest.raises(Exception) as failure:
-        cache_topk_flow(config, "outage")
+        cache_topk_flow(run_id="outage", config=config)
     summary = _find(failure.value, CacheError)  # possibly wrapped by errors of cleanup on the dead endpoint
     assert summary is not None, repr(failure.value)
     assert "2 of 3 topk shard tasks failed after their retries" in str(summary)
@@ -115,7 +115,7 @@ def test_s3_outage_mid_shard_fails_the_stage_and_the_rerun_completes_only_missin
             read_shard(storage, cache_folder, _entry(entry))  # checksum verified
 
     computed.clear()
-    cache = cache_topk_flow(config, "outage")
+    cache = cache_topk_flow(run_id="outage", config=config)
     assert len(computed) == 2  # the two missing shards only
     manifest = read_manifest(storage, cache["folder"])
     assert len(manifest["shards"]) == 3

@@ -64,8 +64,30 @@ def test_newer_schema_is_refused(tmp_path):
     manifest = json.loads(path.read_text())
     manifest["schema_version"] = SCHEMA_VERSION + 1
     path.write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="newer than this code"):
+    with pytest.raises(CacheError, match=r"newer than this code's .*written by distillery .*Install that version "
+                                         r"\(or a later one\) to use it, or point storage.root at another folder"):
         _store(storage)
+
+
+def test_missing_manifest_names_both_causes(tmp_path):
+    with pytest.raises(CacheError, match=r"has not finished, or its output was deleted since.*--refresh-cache"):
+        read_manifest(Storage(str(tmp_path)), "data/fp/train")
+
+
+def test_shard_of_a_foreign_layout_is_refused_naming_columns_and_fix(tmp_path):
+    """A Parquet file whose checksum the manifest lists, but with other columns than its reader needs."""
+    storage = Storage(str(tmp_path))
+    store = _store(storage)
+    foreign = pa.table({"seq_id": pa.array([0, 1], pa.int64()), "input_ids": list_array(np.zeros((2, 3), np.uint16), pa.uint16())})
+    store.write_shard("part-a.parquet", foreign)
+    url = storage.url("caches/x/fp/part-a.parquet")
+    with pytest.raises(CacheError) as err:
+        _store(storage).read_shard("part-a.parquet", ("seq_id", "ids", "logprobs", "tail_logprob"))
+    assert str(err.value).startswith(
+        f"shard {url} has the columns ['seq_id', 'input_ids'], but its reader needs "
+        "['seq_id', 'ids', 'logprobs', 'tail_logprob'] (missing ['ids', 'logprobs', 'tail_logprob'])")
+    assert f"Delete {url}, then run `distillery repair-cache CONFIG --run-id RUN_ID`" in str(err.value)
+    assert _store(storage).read_shard("part-a.parquet", ("seq_id",)).num_rows == 2
 
 
 def test_complete_store_takes_no_new_shards(tmp_path):
