@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from prefect.client.schemas.filters import (
 from prefect.testing.cli import invoke_and_assert
 from safetensors.torch import load_file
 
+import distill_core.checkpoints as checkpoints_module
 import distill_core.teacher.topk as topk_module
-import distill_core.train as train_module
 from distill_core.errors import CacheError, RunLockedError
 from distill_core.run_record import RunLock
 from distill_core.storage import Storage
@@ -60,14 +61,16 @@ def _subflow_runs(client, parent_id):
 def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, monkeypatch):
     root = Path(tiny_config.storage.root)
     resumed_at: list[tuple[str, int]] = []  # (student or baseline, step training started from)
-    real_resume = train_module._resume
+    found: list[dict] = []  # the checkpoint files each training attempt found when it started
+    real_resume = checkpoints_module.resume
 
     def spy_resume(student, optimizer, scheduler, storage, out):
+        found.append(_files(root, (f"{out}/checkpoints/",)))
         start, history = real_resume(student, optimizer, scheduler, storage, out)
         resumed_at.append((out.rsplit("/", 1)[-1], start))
         return start, history
 
-    monkeypatch.setattr(train_module, "_resume", spy_resume)
+    monkeypatch.setattr(checkpoints_module, "resume", spy_resume)
     # checkpoint_every=2: a checkpoint at step 2, a failure after step 3 on every attempt, so the
     # task's own retry (which resumes at 2) fails as well and the flow run fails.
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
@@ -76,7 +79,7 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     assert resumed_at == [("student", 0), ("student", 2)]
     flow_run_id = state.state_details.flow_run_id
     stage_files = _files(root, STAGE_FOLDERS)
-    checkpoints = _files(root, ("students/",))
+    checkpoints = {k: v for k, v in _files(root, ("students/",)).items() if "/checkpoints/" in k}
     assert any("checkpoints/step-000002/" in k for k in checkpoints)
     assert not (root / "runs/retry-me/.lock").exists()  # the failed run released its lock
 
@@ -105,7 +108,9 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     assert _files(root, STAGE_FOLDERS) == stage_files
     # training resumed from its last checkpoint (step 2), the baseline started fresh
     assert resumed_at[2:] == [("student", 2), ("baseline", 0)]
-    assert {k: v for k, v in _files(root, ("students/",)).items() if k in checkpoints} == checkpoints
+    # the checkpoint it resumed from was untouched until the final model was committed, then deleted
+    assert found[2] == checkpoints
+    assert not [k for k in _files(root, ("students/",)) if "/checkpoints/" in k]
 
     # names say what runs: stage, teacher, student, data, date
     assert run.name.startswith("nightly-tiny_teacher") and "-to-tiny-on-embedded-" in run.name
@@ -116,6 +121,7 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     markdown = reports[0].data
     assert "`retry-me`" in markdown and "| student |" in markdown and "bytes/token" in markdown
     assert "loss_curve.png" in markdown and "train-student" in markdown
+    assert re.search(r"\| training loop \(student\) \| [0-9.]+ \| resumed from step 2 \|", markdown)
 
     # the final weights equal those of an uninterrupted run: the train stage alone, on a copy of the
     # run without the students
