@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 
 from distill_core.cache.shards import ShardStore, list_array
-from distill_core.report import RunSummary, StoreSize, gather, markdown_report
+from distill_core.report import RunSummary, StoreSize, gather, loss_table, markdown_report
 from distill_core.run_record import RunRecord
 from distill_core.storage import Storage
 
@@ -69,3 +69,12 @@ def test_gather_reads_the_run_record_and_manifests(tmp_path):
     assert summary.loss_curves == {"student": storage.url("students/s/student/loss_curve.png")}
     assert summary.loss_curve_pngs == {"student": PNG} and summary.resumed_from == {"student": 50}
     assert summary.metrics == METRICS and summary.registered is None and summary.train_seconds == {"student": 3.0}
+
+
+def test_loss_table_thins_long_histories_and_keeps_both_ends():
+    history = [{"step": i + 1, "lr": 3e-4, "loss": 1 / (i + 1)} for i in range(1000)]
+    table = loss_table(history, max_rows=10)
+    assert [r["step"] for r in table] == [1, 112, 223, 334, 445, 556, 667, 778, 889, 1000]
+    assert table[1] == {"step": 112, "lr": 3e-4, "loss": 0.00892857}
+    assert loss_table(history[:3]) == [{"step": 1, "lr": 3e-4, "loss": 1.0}, {"step": 2, "lr": 3e-4, "loss": 0.5},
+                                       {"step": 3, "lr": 3e-4, "loss": 0.333333}]

@@ -7,6 +7,7 @@ one run id; (4) a cache shard damaged on disk is refused, then recomputed on req
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,10 +22,14 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
+    ArtifactFilterType,
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
+from prefect.logging.handlers import APILogHandler
 from prefect.testing.cli import invoke_and_assert
 from safetensors.torch import load_file
 
@@ -100,6 +105,13 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["report-tiny"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
         )
+        tables = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in retried])),
+        )
+        APILogHandler().flush()  # the logs reach the API in batches: send what is queued
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[r.id for r in _subflow_runs(client, flow_run_id)])))
     # the finished stages were not recomputed: their content-keyed tasks are Cached ...
     states = lambda prefix: {t.state.name for t in task_runs if t.name.startswith(prefix)}  # noqa: E731
     assert states("resolve-teacher-") == {"Cached"} and states("prepare-data-") == {"Cached"}
@@ -122,6 +134,22 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     assert "`retry-me`" in markdown and "| student |" in markdown and "bytes/token" in markdown
     assert "loss_curve.png" in markdown and "train-student" in markdown
     assert re.search(r"\| training loop \(student\) \| [0-9.]+ \| resumed from step 2 \|", markdown)
+    # the loss curves are in the Markdown itself, as the PNGs beside the models
+    trained = json.loads((root / "runs/retry-me/stages/train_student.json").read_text())
+    for name in ("student", "baseline"):
+        png = (root / trained[name]["model_folder"]).parent / "loss_curve.png"
+        assert f"![{name} loss curve](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})" in markdown
+    # each student's loss history is a table in the UI, with every loss term
+    rows = {a.key.split("-")[1]: json.loads(a.data) for a in tables if a.key.startswith("loss-")}
+    assert set(rows) == {"student", "baseline"}
+    assert [r["step"] for r in rows["student"]] == [r["step"] for r in rows["baseline"]] == [1, 2, 3, 4, 5, 6]
+    assert set(rows["student"][0]) == {"step", "lr", "loss", "forward_kl", "ce"} and set(rows["baseline"][0]) == {"step", "lr", "loss", "ce"}
+    history = json.loads(((root / trained["student"]["model_folder"]) / "train.json").read_text())["result"]["history"]
+    assert [r["loss"] for r in rows["student"]] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    # and the task said that it resumed, in the run's log
+    resumes = [log.message for log in logs if log.message.startswith("resuming ")]
+    assert len(resumes) == 2 and all(re.fullmatch(r"resuming students/\w+/student from step 2 \(checkpoint .+/step-000002\)", m)
+                                     for m in resumes)
 
     # the final weights equal those of an uninterrupted run: the train stage alone, on a copy of the
     # run without the students
