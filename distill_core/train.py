@@ -182,7 +182,7 @@ def train(
     return result
 
 
-# -- final model ---------------------------------------------------------------------------------
+# -- final model -----------------------------------------------------------------------------------
 def _save_final(student, tokenizer, storage: Storage, out: str, result: TrainResult) -> None:
     from dataclasses import asdict
 
