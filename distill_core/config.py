@@ -240,6 +240,13 @@ class TrainConfig(_Model):
         "compiles, later ones faster, mostly on a GPU. Same losses up to float rounding.",
     )
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(
+        1, ge=1,
+        description="Checkpoints kept while training: the latest N (older ones are deleted once a newer one is saved).",
+    )
+    keep_final_checkpoints: bool = Field(
+        False, description="Keep those checkpoints after the final model is saved (default: delete them then).",
+    )
     seed: int = Field(0)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (bf16 autocast there).")
     baseline: bool = Field(True, description="Also train a CE-only student with the same budget, for comparison.")

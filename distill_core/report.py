@@ -1,5 +1,8 @@
 """The per-run report: metrics of teacher, student and baseline, storage sizes, timings, loss curves.
 
+Loss curves are embedded as ``data:`` URIs (base64 PNG), so the Prefect UI shows them wherever it runs;
+the PNG files beside the models stay where training wrote them.
+
 :func:`gather` reads what a run left under the storage root (its run record and the manifests it
 points at); :func:`markdown_report` turns that plus per-stage timings into Markdown. Both are plain
 Python: the Prefect task in ``tasks/report.py`` publishes the Markdown as an artifact.
@@ -7,6 +10,7 @@ Python: the Prefect task in ``tasks/report.py`` publishes the Markdown as an art
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +49,8 @@ class RunSummary:
     sizes: list[StoreSize]
     loss_curves: dict[str, str]  # model name -> URL (or absolute local path) of its loss_curve.png
     train_seconds: dict[str, float] = field(default_factory=dict)
+    loss_curve_pngs: dict[str, bytes] = field(default_factory=dict)  # model name -> the PNG itself
+    resumed_from: dict[str, int] = field(default_factory=dict)  # model name -> checkpoint step its training resumed at
 
 
 def store_size(storage: Storage, label: str, folder: str, tokens_per_row: int | None) -> StoreSize:
@@ -71,17 +77,19 @@ def gather(storage: Storage, run_id: str) -> RunSummary:
             per_row = out["meta"]["seq_len"] - 1 if out["kind"] == "topk" and "seq_len" in out["meta"] else None
             sizes.append(store_size(storage, f"{out['kind']} cache", out["folder"], per_row))
     trained = stage("train_student") or {}
-    curves, seconds = {}, {}
+    curves, pngs, seconds, resumed = {}, {}, {}, {}
     for name, result in trained.items():
         curve = f"{result['model_folder'].rsplit('/', 1)[0]}/loss_curve.png"
         if storage.exists(curve):
-            curves[name] = storage.url(curve)
+            curves[name], pngs[name] = storage.url(curve), storage.read_bytes(curve)
         if isinstance(result.get("seconds"), (int, float)):
             seconds[name] = float(result["seconds"])
+        if result.get("resumed_from_step"):
+            resumed[name] = int(result["resumed_from_step"])
     return RunSummary(
         run_id=run_id, teacher=str(teacher.get("source", "")), data_fingerprint=str((data or {}).get("fingerprint", "")),
         metrics=stage("evaluate") or {}, registered=stage("register"), sizes=sizes, loss_curves=curves,
-        train_seconds=seconds,
+        train_seconds=seconds, loss_curve_pngs=pngs, resumed_from=resumed,
     )
 
 
@@ -120,14 +128,26 @@ def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | No
     for stage, t in (timings or {}).items():
         lines.append(f"| {stage} | {_fmt(t.get('seconds'))} | {t.get('state', '')} |")
     for name, sec in s.train_seconds.items():
-        lines.append(f"| training loop ({name}) | {_fmt(sec)} | |")
+        resumed = f" resumed from step {s.resumed_from[name]} " if name in s.resumed_from else " "
+        lines.append(f"| training loop ({name}) | {_fmt(sec)} |{resumed}|")
     lines.append("")
 
     lines += ["## Loss curves", ""]
-    lines += [f"- {name}: [loss_curve.png]({_link(url)}) (`{url}`)" for name, url in s.loss_curves.items()]
+    for name, url in s.loss_curves.items():
+        lines += [f"**{name}** (loss_curve.png at `{url}`)", ""]
+        if name in s.loss_curve_pngs:
+            lines += [f"![{name} loss curve]({png_data_uri(s.loss_curve_pngs[name])})", ""]
     if not s.loss_curves:
         lines.append("No loss curve yet (the train_student stage has not finished).")
     return "\n".join(lines) + "\n"
+
+
+def loss_table(history: list[dict], max_rows: int = 500) -> list[dict]:
+    """At most ``max_rows`` evenly spaced records of a training history (first and last included),
+    values rounded to 6 significant digits: the rows of the loss table shown in the UI."""
+    n = len(history)
+    picked = history if n <= max_rows else [history[i * (n - 1) // (max_rows - 1)] for i in range(max_rows)]
+    return [{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in record.items()} for record in picked]
 
 
 def _model_order(metrics: dict) -> list[str]:
@@ -201,5 +221,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _link(url: str) -> str:
-    return f"file://{url}" if url.startswith("/") else url
+def png_data_uri(png: bytes) -> str:
+    """A ``data:`` URI holding the PNG, which Markdown renders as an image without fetching anything."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

@@ -1,13 +1,13 @@
 """The student training loop: setup, loss step, train, checkpoint, resume.
 
-Checkpoints go to ``<out>/checkpoints/step-NNNNNN/`` (state + ``checkpoint.json`` marker written
-last); the finished student goes to ``<out>/model/`` in Hugging Face format with ``train.json``
-written last. A rerun returns the finished student at once, or resumes from the latest checkpoint.
+Checkpoints (see :mod:`distill_core.checkpoints`) go to ``<out>/checkpoints/``; the finished student
+goes to ``<out>/model/`` in Hugging Face format with ``train.json`` written last, after which the
+checkpoints are deleted unless ``train.keep_final_checkpoints``. A rerun returns the finished student
+at once, or resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import tempfile
 import time
@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from distill_core import distributed
+from distill_core import checkpoints, distributed
 from distill_core.batches import StepBatch
 from distill_core.config import LossTerm, TrainConfig
 from distill_core.errors import CacheError
@@ -40,6 +40,7 @@ class TrainResult:
     seconds: float
     tokens_per_second: float
     init: dict | None = None  # how the student was initialised, when there is more to say than the config (pruning)
+    resumed_from_step: int | None = None  # the checkpoint this run started from, None when it started fresh
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +105,7 @@ def _part_name(term: LossTerm) -> str:
 
 def train(
     student,
-    batches: Callable[[int], Iterator[Batch]],
+    batches: Callable[[int], Iterator[StepBatch]],
     cfg: TrainConfig,
     terms: list[LossTerm],
     storage: Storage,
@@ -136,7 +137,7 @@ def train(
         model = torch.compile(model)  # shares `student`'s parameters; batch shapes may vary (dynamic after a recompile)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
-    start, history = _resume(student, optimizer, scheduler, storage, out)
+    start, history = checkpoints.resume(student, optimizer, scheduler, storage, out)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     stream = batches(start * cfg.grad_accum)
     tokens, t0 = 0, time.perf_counter()
@@ -166,64 +167,24 @@ def train(
             progress(step + 1, cfg.steps, record)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if world.is_main:
-                _save_checkpoint(student, optimizer, scheduler, history, storage, out, step + 1)
+                checkpoints.save_checkpoint(student, optimizer, scheduler, history, storage, out, step + 1,
+                                            keep=cfg.keep_checkpoints)
             world.barrier()
         if fail_at_step is not None and step + 1 == fail_at_step:
             raise RuntimeError(f"injected failure after step {fail_at_step}")
     seconds = time.perf_counter() - t0
     tokens = world.sum(tokens)
-    result = TrainResult(f"{out}/model", cfg.steps, history[-1]["loss"], history, seconds, tokens / max(seconds, 1e-9), init)
+    result = TrainResult(f"{out}/model", cfg.steps, history[-1]["loss"], history, seconds, tokens / max(seconds, 1e-9),
+                         init, resumed_from_step=start or None)
     if world.is_main:
         _save_final(student, tokenizer, storage, out, result)
+        if not cfg.keep_final_checkpoints:
+            checkpoints.prune_checkpoints(storage, out, keep=0)  # after train.json: the model is committed
     world.barrier()
     return result
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-def _checkpoint_dir(out: str, step: int) -> str:
-    return f"{out}/checkpoints/step-{step:06d}"
-
-
-def latest_checkpoint(storage: Storage, out: str) -> int | None:
-    """The highest step whose checkpoint marker was written, else None."""
-    steps = [
-        int(name.split("-")[1])
-        for name in storage.listdir(f"{out}/checkpoints")
-        if name.startswith("step-") and storage.exists(f"{out}/checkpoints/{name}/checkpoint.json")
-    ]
-    return max(steps) if steps else None
-
-
-def _save_checkpoint(student, optimizer, scheduler, history, storage: Storage, out: str, step: int) -> None:
-    folder = _checkpoint_dir(out, step)
-    state = {
-        "model": student.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(f"{folder}/state.pt", buf.getvalue())
-    storage.write_json(f"{folder}/checkpoint.json", {"step": step, "history": history})
-
-
-def _resume(student, optimizer, scheduler, storage: Storage, out: str) -> tuple[int, list[dict]]:
-    step = latest_checkpoint(storage, out)
-    if step is None:
-        return 0, []
-    folder = _checkpoint_dir(out, step)
-    state = torch.load(storage.bytes_io(f"{folder}/state.pt"), map_location="cpu", weights_only=True)
-    student.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return step, storage.read_json(f"{folder}/checkpoint.json")["history"]
-
-
+# -- final model -----------------------------------------------------------------------------------
 def _save_final(student, tokenizer, storage: Storage, out: str, result: TrainResult) -> None:
     from dataclasses import asdict
 
@@ -244,7 +205,9 @@ def student_folder(kind: str, student_cfg, train_cfg: TrainConfig, terms: list[L
     """Content address of a trained student: its init, training settings, loss terms and inputs."""
     from distill_core.storage import fingerprint
 
-    train = train_cfg.model_dump(exclude={"baseline", "losses", "device", "loss_chunk_rows", "compile"})  # none change the result
+    # none of these change the result
+    train = train_cfg.model_dump(exclude={"baseline", "losses", "device", "loss_chunk_rows", "compile", "keep_checkpoints",
+                                          "keep_final_checkpoints"})
     fp = fingerprint({"student": student_cfg.model_dump(), "train": train, "terms": [t.model_dump() for t in terms], **inputs})
     return f"students/{fp}/{kind}"
 

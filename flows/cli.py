@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 
 from distill_core.config import RunConfig, load_config
@@ -73,6 +74,51 @@ REFRESH_HELP = (
 )
 
 
+# Prefect stops its temporary server at exit (atexit), which a process killed with SIGKILL never
+# reaches. This watchdog blocks on a pipe that only the CLI process can write: end of file means the
+# CLI is gone, however it ended, and the watchdog stops the server (SIGTERM, then SIGKILL after 5 s).
+_WATCHDOG = """
+import os, signal, sys, time
+sys.stdin.buffer.read()
+pid = int(sys.argv[1])
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        break
+    for _ in range(50):
+        time.sleep(0.1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+"""
+_watchdogs: list[tuple[subprocess.Popen, int]] = []  # (watchdog, write end of its pipe), for the life of this process
+
+
+def server_ends_with_this_process() -> int | None:
+    """When no Prefect API is configured, start Prefect's temporary server now (Prefect would on first
+    use) with a watchdog that stops it when this process ends, even by SIGKILL; returns its pid.
+
+    None when an API URL is set (a server this process does not own), ephemeral mode is off, or
+    the system is not POSIX."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
+    server.start()
+    pid = server.server_process.pid
+    read, write = os.pipe()  # close-on-exec (PEP 446): programs this process starts do not hold `write`
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=read, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # own session: Ctrl-C does not reach it
+    os.close(read)
+    _watchdogs.append((watchdog, write))
+    return pid
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distillery", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,12 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             from flows.runners import configured
 
             config = load_config(args.config)
+            server_ends_with_this_process()
             print(format_report(configured(nightly, config)(config, run_id=args.run_id)))
         elif args.command == "stage":
             from flows.runners import configured
             from flows.stages import STAGES
 
             config = load_config(args.config)
+            server_ends_with_this_process()
             out = configured(STAGES[args.name], config)(run_id=args.run_id, config=config)
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "repair-cache":
@@ -122,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             from flows.stages import STAGES
 
             config = load_config(args.config)
+            server_ends_with_this_process()
             out = {kind: configured(STAGES[f"cache_{kind}"], config)(run_id=args.run_id, config=config, recompute_damaged=True)
                    for kind in config.train.caches()}
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "serve":
             from flows.serve import DEFAULT_CONFIG, serve
 
+            server_ends_with_this_process()
             serve(args.config or DEFAULT_CONFIG, limit=args.limit)
         else:
             print(_registry(args))

@@ -40,7 +40,7 @@ def _config(root: Path, teacher_dir: Path) -> dict:
         "student": {"init": "teacher_layers", "layers": [0, 3]},
         # grad_accum 2 exercises DDP's no_sync; the global batch is 4 x 2 rows per step at any world size.
         "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1,
-                  "checkpoint_every": 2, "device": "cpu", "baseline": False},
+                  "checkpoint_every": 2, "keep_final_checkpoints": True, "device": "cpu", "baseline": False},
         "registry": {"name": "tiny"},
     }
 
@@ -102,11 +102,12 @@ def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, tiny_teacher_d
     assert proc.stdout.count("student: students/") == 1  # only rank 0 reports
     _assert_same_training(single, _trained(two))
 
-    # The 2-process run's checkpoints resume in one process: drop its final model, keep step 4.
+    # The 2-process run's checkpoint resumes in one process: drop its final model, keep the latest
+    # checkpoint (step 4; rank 0 pruned step 2 once step 4 was committed)
     shutil.copytree(two, resumed)
     folder = json.loads((resumed / f"runs/{RUN}/stages/train_student.json").read_text())["student"]["model_folder"]
     student_dir = resumed / Path(folder).parent
-    assert sorted(p.name for p in (student_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (student_dir / "checkpoints").iterdir()) == ["step-000004"]
     shutil.rmtree(student_dir / "model")
     (resumed / f"runs/{RUN}/stages/train_student.json").unlink()
     config_resumed = _write_config(resumed, _config(resumed, tiny_teacher_dir))

@@ -1,11 +1,14 @@
+import base64
+
 import numpy as np
 import pyarrow as pa
 
 from distill_core.cache.shards import ShardStore, list_array
-from distill_core.report import RunSummary, StoreSize, gather, markdown_report
+from distill_core.report import RunSummary, StoreSize, gather, loss_table, markdown_report
 from distill_core.run_record import RunRecord
 from distill_core.storage import Storage
 
+PNG = b"\x89PNG\r\n\x1a\n not really"
 METRICS = {
     "teacher": {"val_ppl": 10.0, "top1_agreement": 1.0, "params": 1000},
     "student": {"val_ppl": 20.0, "top1_agreement": 0.5, "kl_to_teacher": 0.25, "params": 250},
@@ -19,7 +22,7 @@ def test_markdown_report_compares_models_and_shows_sizes_timings_and_curves():
         registered={"name": "tiny", "version": 3, "url": "/root/registry/tiny/3", "champion": True},
         sizes=[StoreSize("topk cache", "caches/topk/f", rows=10, bytes=4000, tokens=100)],
         loss_curves={"student": "/root/students/f/student/loss_curve.png", "baseline": "s3://b/students/f/baseline/loss_curve.png"},
-        train_seconds={"student": 12.5},
+        train_seconds={"student": 12.5, "baseline": 8.0}, loss_curve_pngs={"student": PNG}, resumed_from={"baseline": 4},
     )
     md = markdown_report(summary, {"prepare-data": {"seconds": 1.5, "state": "Completed"}})
     assert "Registered **tiny v3** — the new **champion**" in md
@@ -28,8 +31,12 @@ def test_markdown_report_compares_models_and_shows_sizes_timings_and_curves():
     assert "25.0% of the teacher's parameters" in md
     assert "| topk cache | 10 | 100 | 4,000 | 40 | `caches/topk/f` |" in md
     assert "| prepare-data | 1.5 | Completed |" in md and "| training loop (student) | 12.5 | |" in md
-    assert "[loss_curve.png](file:///root/students/f/student/loss_curve.png)" in md
-    assert "[loss_curve.png](s3://b/students/f/baseline/loss_curve.png)" in md
+    assert "| training loop (baseline) | 8 | resumed from step 4 |" in md
+    # the curve is in the Markdown itself (a browser cannot open file:// links to the worker's disk)
+    assert f"![student loss curve](data:image/png;base64,{base64.b64encode(PNG).decode()})" in md
+    assert "file://" not in md and "**student** (loss_curve.png at `/root/students/f/student/loss_curve.png`)" in md
+    assert "**baseline** (loss_curve.png at `s3://b/students/f/baseline/loss_curve.png`)" in md
+    assert md.count("data:image/png") == 1  # the baseline's PNG was not read: no image, only its location
 
 
 def test_markdown_report_shows_intervals_and_the_share_of_the_gap_closed():
@@ -71,12 +78,13 @@ def test_gather_reads_the_run_record_and_manifests(tmp_path):
         ShardStore(storage, f"data/d/{split}", "data", "d", {}).write_shard("part-0.parquet", rows(n))
     cache = {"kind": "topk", "folder": "caches/topk/c", "fingerprint": "c", "meta": {"seq_len": 8, "k": 4}}
     ShardStore(storage, cache["folder"], "topk", "c", cache["meta"]).write_shard("part-a.parquet", rows(6))
-    storage.write_bytes("students/s/student/loss_curve.png", b"png")
+    storage.write_bytes("students/s/student/loss_curve.png", PNG)
     record = RunRecord(storage, "night-1")
     record.write_stage("teacher", {"source": "path:tiny", "fingerprint": "t"})
     record.write_stage("prepare_data", {"folder": "data/d", "fingerprint": "d", "seq_len": 8})
     record.write_stage("cache_topk", cache)
-    record.write_stage("train_student", {"student": {"model_folder": "students/s/student/model", "seconds": 3.0}})
+    record.write_stage("train_student", {"student": {"model_folder": "students/s/student/model", "seconds": 3.0,
+                                                     "resumed_from_step": 50}})
     record.write_stage("evaluate", METRICS)
 
     summary = gather(storage, "night-1")
@@ -85,4 +93,14 @@ def test_gather_reads_the_run_record_and_manifests(tmp_path):
     assert sizes["data (train)"].tokens == 48 and sizes["topk cache"].tokens == 6 * 7  # T-1 positions per row
     assert sizes["topk cache"].bytes_per_token == sizes["topk cache"].bytes / 42
     assert summary.loss_curves == {"student": storage.url("students/s/student/loss_curve.png")}
+    assert summary.loss_curve_pngs == {"student": PNG} and summary.resumed_from == {"student": 50}
     assert summary.metrics == METRICS and summary.registered is None and summary.train_seconds == {"student": 3.0}
+
+
+def test_loss_table_thins_long_histories_and_keeps_both_ends():
+    history = [{"step": i + 1, "lr": 3e-4, "loss": 1 / (i + 1)} for i in range(1000)]
+    table = loss_table(history, max_rows=10)
+    assert [r["step"] for r in table] == [1, 112, 223, 334, 445, 556, 667, 778, 889, 1000]
+    assert table[1] == {"step": 112, "lr": 3e-4, "loss": 0.00892857}
+    assert loss_table(history[:3]) == [{"step": 1, "lr": 3e-4, "loss": 1.0}, {"step": 2, "lr": 3e-4, "loss": 0.5},
+                                       {"step": 3, "lr": 3e-4, "loss": 0.333333}]

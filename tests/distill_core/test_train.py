@@ -6,16 +6,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from distill_core.batches import Batch, StepBatch, step_batches, topk_stream
-from distill_core.config import DataConfig, LossTerm, PathTeacher, StudentConfig, TopKConfig, TrainConfig
+from distill_core.batches import Batch, StepBatch
+from distill_core.config import DataConfig, LossTerm, PathTeacher, StudentConfig, TrainConfig
 from distill_core.data import prepare_data
 from distill_core.errors import TeacherError
 from distill_core.losses.divergence import topk_targets_from_logits
 from distill_core.storage import Storage
 from distill_core.teacher import load as teacher_load
 from distill_core.teacher.load import load_tokenizer, resolve_teacher
-from distill_core.teacher.topk import cache_topk
-from distill_core.train import latest_checkpoint, loss_step, lr_lambda, train, train_student
+from distill_core.train import loss_step, lr_lambda, train, train_student
 
 TERMS = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5)]
 
@@ -48,18 +47,8 @@ def test_chunked_loss_equals_unchunked(tiny_teacher):
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
 
 
-@pytest.fixture
-def setup(tmp_path, tiny_tokenizer, tiny_teacher):
-    storage = Storage(str(tmp_path / "root"))
-    data = prepare_data(DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24), tiny_tokenizer, "tok", storage)
-    cache = cache_topk(lambda: tiny_teacher, data, {"source": "t", "fingerprint": "f", "dtype": "float32"}, TopKConfig(k=4), storage)
-    stream = topk_stream(storage, data, cache, seed=0)
-    batches = step_batches({"data": stream}, batch_size=4, pad_id=0)
-    return storage, batches
-
-
-def test_stream_is_deterministic_and_skippable(setup):
-    _, batches = setup
+def test_stream_is_deterministic_and_skippable(topk_run):
+    _, batches = topk_run
     full = [b["data"].input_ids for _, b in zip(range(8), batches(0))]
     resumed = [b["data"].input_ids for _, b in zip(range(5), batches(3))]
     for a, b in zip(full[3:], resumed):
@@ -67,28 +56,8 @@ def test_stream_is_deterministic_and_skippable(setup):
     assert full[0].shape == (4, 24) and next(batches(0))["data"].targets.ids.shape == (4, 23, 4)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(setup, tiny_teacher):
-    storage, batches = setup
-    cfg = TrainConfig(steps=5, batch_size=4, checkpoint_every=2, warmup_steps=1, device="cpu")
-    student = copy.deepcopy(tiny_teacher)
-    with pytest.raises(RuntimeError, match="injected"):
-        train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/a", fail_at_step=3)
-    assert latest_checkpoint(storage, "students/a") == 2
-    resumed = train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/a")
-    straight = train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/b")
-    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-6)
-    from safetensors.torch import load_file
-
-    wa = load_file(storage.local_path("students/a/model/model.safetensors"))
-    wb = load_file(storage.local_path("students/b/model/model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert storage.exists("students/a/loss_curve.png")
-    again = train(copy.deepcopy(student), batches, cfg, TERMS, storage, "students/a")
-    assert again == resumed  # a finished student is returned, not retrained
-
-
-def test_compiled_training_follows_eager(setup, tiny_teacher):
-    storage, batches = setup
+def test_compiled_training_follows_eager(topk_run, tiny_teacher):
+    storage, batches = topk_run
     cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")
     eager = train(copy.deepcopy(tiny_teacher), batches, cfg, TERMS, storage, "students/eager")
     from torch._dynamo.utils import counters
@@ -106,8 +75,8 @@ def test_compiled_training_follows_eager(setup, tiny_teacher):
     assert not any(k.startswith("_orig_mod") for k in saved)  # the plain student is saved, not the wrapper
 
 
-def test_training_lowers_the_loss(setup, tiny_teacher):
-    storage, batches = setup
+def test_training_lowers_the_loss(topk_run, tiny_teacher):
+    storage, batches = topk_run
     cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu")
     result = train(copy.deepcopy(tiny_teacher), batches, cfg, TERMS, storage, "students/c")
     first = result.history[0]["loss"]

@@ -1,8 +1,17 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_run_then_one_stage_then_registry(tiny_config, tmp_path, capsys):
@@ -68,3 +77,58 @@ def test_a_refusal_inside_a_flow_prints_one_error_line_and_no_traceback(tiny_con
     assert "Traceback" not in run.stderr and " ERROR " not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "no-such-teacher" in errors[0], run.stderr
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for its new parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_run_takes_its_temporary_prefect_server_with_it(tiny_config, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as out:
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--run-id", "killed"], cwd=REPO,
+                               env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = None
+    try:
+        deadline = time.monotonic() + 120
+        while "for flow 'nightly-distillation'" not in log.read_text(errors="replace"):  # the run is under way
+            assert cli.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        servers = [c for c in _children(cli.pid) if "prefect.server.api.server:create_app" in _cmdline(c)]
+        assert len(servers) == 1, [_cmdline(c) for c in _children(cli.pid)]
+        server = servers[0]
+        cli.kill()
+        cli.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _gone(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(server), "the temporary Prefect server outlived the killed `distillery run`"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        if server is not None and not _gone(server):
+            os.kill(server, signal.SIGKILL)

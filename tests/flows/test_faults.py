@@ -7,8 +7,10 @@ one run id; (4) a cache shard damaged on disk is refused, then recomputed on req
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,15 +22,19 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
+    ArtifactFilterType,
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
+from prefect.logging.handlers import APILogHandler
 from prefect.testing.cli import invoke_and_assert
 from safetensors.torch import load_file
 
+import distill_core.checkpoints as checkpoints_module
 import distill_core.teacher.topk as topk_module
-import distill_core.train as train_module
 from distill_core.errors import CacheError, RunLockedError
 from distill_core.run_record import RunLock
 from distill_core.storage import Storage
@@ -60,14 +66,16 @@ def _subflow_runs(client, parent_id):
 def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, monkeypatch):
     root = Path(tiny_config.storage.root)
     resumed_at: list[tuple[str, int]] = []  # (student or baseline, step training started from)
-    real_resume = train_module._resume
+    found: list[dict] = []  # the checkpoint files each training attempt found when it started
+    real_resume = checkpoints_module.resume
 
     def spy_resume(student, optimizer, scheduler, storage, out):
+        found.append(_files(root, (f"{out}/checkpoints/",)))
         start, history = real_resume(student, optimizer, scheduler, storage, out)
         resumed_at.append((out.rsplit("/", 1)[-1], start))
         return start, history
 
-    monkeypatch.setattr(train_module, "_resume", spy_resume)
+    monkeypatch.setattr(checkpoints_module, "resume", spy_resume)
     # checkpoint_every=2: a checkpoint at step 2, a failure after step 3 on every attempt, so the
     # task's own retry (which resumes at 2) fails as well and the flow run fails.
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
@@ -76,7 +84,7 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     assert resumed_at == [("student", 0), ("student", 2)]
     flow_run_id = state.state_details.flow_run_id
     stage_files = _files(root, STAGE_FOLDERS)
-    checkpoints = _files(root, ("students/",))
+    checkpoints = {k: v for k, v in _files(root, ("students/",)).items() if "/checkpoints/" in k}
     assert any("checkpoints/step-000002/" in k for k in checkpoints)
     assert not (root / "runs/retry-me/.lock").exists()  # the failed run released its lock
 
@@ -97,6 +105,13 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["report-tiny"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
         )
+        tables = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in retried])),
+        )
+        APILogHandler().flush()  # the logs reach the API in batches: send what is queued
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[r.id for r in _subflow_runs(client, flow_run_id)])))
     # the finished stages were not recomputed: their content-keyed tasks are Cached ...
     states = lambda prefix: {t.state.name for t in task_runs if t.name.startswith(prefix)}  # noqa: E731
     assert states("resolve-teacher-") == {"Cached"} and states("prepare-data-") == {"Cached"}
@@ -105,7 +120,9 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     assert _files(root, STAGE_FOLDERS) == stage_files
     # training resumed from its last checkpoint (step 2), the baseline started fresh
     assert resumed_at[2:] == [("student", 2), ("baseline", 0)]
-    assert {k: v for k, v in _files(root, ("students/",)).items() if k in checkpoints} == checkpoints
+    # the checkpoint it resumed from was untouched until the final model was committed, then deleted
+    assert found[2] == checkpoints
+    assert not [k for k in _files(root, ("students/",)) if "/checkpoints/" in k]
 
     # names say what runs: stage, teacher, student, data, date
     assert run.name.startswith("nightly-tiny_teacher") and "-to-tiny-on-embedded-" in run.name
@@ -116,6 +133,23 @@ def test_failed_training_is_completed_by_prefect_flow_run_retry(tiny_config, mon
     markdown = reports[0].data
     assert "`retry-me`" in markdown and "| student |" in markdown and "bytes/token" in markdown
     assert "loss_curve.png" in markdown and "train-student" in markdown
+    assert re.search(r"\| training loop \(student\) \| [0-9.]+ \| resumed from step 2 \|", markdown)
+    # the loss curves are in the Markdown itself, as the PNGs beside the models
+    trained = json.loads((root / "runs/retry-me/stages/train_student.json").read_text())
+    for name in ("student", "baseline"):
+        png = (root / trained[name]["model_folder"]).parent / "loss_curve.png"
+        assert f"![{name} loss curve](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})" in markdown
+    # each student's loss history is a table in the UI, with every loss term
+    rows = {a.key.split("-")[1]: json.loads(a.data) for a in tables if a.key.startswith("loss-")}
+    assert set(rows) == {"student", "baseline"}
+    assert [r["step"] for r in rows["student"]] == [r["step"] for r in rows["baseline"]] == [1, 2, 3, 4, 5, 6]
+    assert set(rows["student"][0]) == {"step", "lr", "loss", "forward_kl", "ce"} and set(rows["baseline"][0]) == {"step", "lr", "loss", "ce"}
+    history = json.loads(((root / trained["student"]["model_folder"]) / "train.json").read_text())["result"]["history"]
+    assert [r["loss"] for r in rows["student"]] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+    # and the task said that it resumed, in the run's log
+    resumes = [log.message for log in logs if log.message.startswith("resuming ")]
+    assert len(resumes) == 2 and all(re.fullmatch(r"resuming students/\w+/student from step 2 \(checkpoint .+/step-000002\)", m)
+                                     for m in resumes)
 
     # the final weights equal those of an uninterrupted run: the train stage alone, on a copy of the
     # run without the students

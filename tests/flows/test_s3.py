@@ -49,6 +49,9 @@ def test_nightly_on_s3_registers_a_model_that_downloads_and_loads(tiny_config, t
     assert len(read_manifest(storage, cache.folder)["shards"]) == 3
     assert storage.exists("runs/s3-night/stages/register.json")
     assert storage.fs.find(storage.url(RESULTS_FOLDER)), "no Prefect result was persisted on S3"
+    # the checkpoints were deleted from the bucket once each final model was committed
+    students = storage.fs.find(storage.url("students"))
+    assert any(p.endswith("/model/train.json") for p in students) and not [p for p in students if "/checkpoints/" in p]
 
 
 # -- faults ----------------------------------------------------------------------------------------
