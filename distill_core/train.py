@@ -43,6 +43,16 @@ class TrainResult:
     resumed_from_step: int | None = None  # the checkpoint this run started from, None when it started fresh
 
 
+def finished(storage: Storage, out: str, cfg: TrainConfig) -> TrainResult | None:
+    """The result of the student finished under ``out``, else None. Checkpoints a run killed between
+    committing the model and deleting them left behind are deleted now (unless they are to be kept)."""
+    if not storage.exists(f"{out}/model/{FINISHED}"):
+        return None
+    if not cfg.keep_final_checkpoints:
+        checkpoints.prune_checkpoints(storage, out, keep=0)
+    return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,8 +135,8 @@ def train(
     Under torchrun this trains with DDP (see :mod:`distill_core.distributed`): ``batches`` yields the
     same global micro-batches on every rank, each rank trains on its slice, and rank 0 writes.
     """
-    if storage.exists(f"{out}/model/{FINISHED}"):
-        return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
+    if (done := finished(storage, out, cfg)) is not None:
+        return done
     device = resolve_device(cfg.device)
     world = distributed.init(device)  # rank 0 of 1 outside torchrun: every world.* call is then a no-op
     device = world.device(device)
@@ -243,8 +253,8 @@ def train_student(
         check_compatible(cache, data, teacher_ref.fingerprint)
     inputs = {"teacher": teacher_ref.fingerprint, "data": data.fingerprint, "caches": {k: c.fingerprint for k, c in used.items()}}
     out = student_folder(name, student_cfg, train_cfg, terms, inputs)
-    if storage.exists(f"{out}/model/{FINISHED}"):
-        return TrainResult(**storage.read_json(f"{out}/model/{FINISHED}")["result"])
+    if (done := finished(storage, out, train_cfg)) is not None:
+        return done
     if student_cfg.init == "pretrained":
         # The teacher's weights play no part here: its ref has the vocabulary and tokenizer to check.
         student = student_from_pretrained(student_cfg.pretrained, teacher_ref.vocab_size, teacher_ref.tokenizer_hash, storage=storage)

@@ -70,6 +70,19 @@ def test_a_kill_while_pruning_leaves_the_new_checkpoint_resumable(topk_run, tiny
     assert not storage.exists("students/p/checkpoints")
 
 
+def test_checkpoints_left_by_a_kill_after_the_model_was_committed_go_on_the_next_call(topk_run, tiny_teacher, monkeypatch):
+    from distill_core import checkpoints
+
+    storage, batches = topk_run
+    real = checkpoints.prune_checkpoints
+    monkeypatch.setattr(checkpoints, "prune_checkpoints", lambda s, o, keep: None if keep == 0 else real(s, o, keep))
+    first = train(copy.deepcopy(tiny_teacher), batches, CFG, TERMS, storage, "students/k")  # "killed" before the deletion
+    assert latest_checkpoint(storage, "students/k") == 4
+    monkeypatch.setattr(checkpoints, "prune_checkpoints", real)
+    assert train(copy.deepcopy(tiny_teacher), batches, CFG, TERMS, storage, "students/k") == first
+    assert storage.listdir("students/k") == ["loss_curve.png", "model"]
+
+
 def test_prune_keeps_the_latest_committed_and_drops_unfinished_saves(tmp_path):
     from distill_core.storage import Storage
 
