@@ -84,7 +84,7 @@ def loss_step(
                 raise CacheError(f"loss {term.name!r} needs the teacher's top-k on {term.source}, but that cache has none.")
         ranked = any(t.name == "beam_rank" for t in own)
         if chunk_rows is not None and not ranked:
-            hidden, weight, bias = _body(student, b.input_ids)
+            hidden, weight, bias = body_and_head(student, b.input_ids)
             head_terms = [
                 HeadTerm("ce" if t.name in _CE_NAMES else t.name, t.weight, _mean_weights(_term_mask(t, b)),
                          b.targets if t.name in DIVERGENCES else None, temperature, t.beta)
@@ -98,7 +98,7 @@ def loss_step(
             out = student(input_ids=b.input_ids).logits[:, :-1]
             ce = token_cross_entropy(out, labels, b.loss_mask) if any(t.name in _CE_NAMES for t in own) else None
         else:  # ranking beams is not linear in the per-token values: per-token CE, recomputed per chunk in backward
-            hidden, weight, bias = _body(student, b.input_ids)
+            hidden, weight, bias = body_and_head(student, b.input_ids)
             out, ce = None, fused_token_ce(hidden, weight, bias, labels, b.loss_mask, chunk_rows=chunk_rows)
         for term in own:
             if term.name in _CE_NAMES:
@@ -134,7 +134,7 @@ def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
     return mask.float() / mask.sum().clamp(min=1)
 
 
-def _body(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def body_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The student's final hidden states [B, T-1, D] (the LM head's input at every position that has a
     next token), and the head's weight [V, D] and bias [V] or None.
 
