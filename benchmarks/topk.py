@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
+from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -79,8 +80,10 @@ def main() -> None:
 
     @torch.inference_mode()
     def forward() -> None:
-        for batch in batches:
-            model(input_ids=batch).logits[0, -1, 0].item()  # .item(): wait for the device
+        # The same precision as the stage's forward (teacher_topk): bfloat16 autocast on CUDA.
+        with torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext():
+            for batch in batches:
+                model(input_ids=batch).logits[0, -1, 0].item()  # .item(): wait for the device
 
     def stage_run(overlap: bool):
         def run() -> None:

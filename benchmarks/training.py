@@ -157,7 +157,7 @@ def memory_main(args) -> None:
     print(f"model={args.model} layers={args.layers or 'all'} device={device_name} batch={args.batch_size}x{args.seq_len} "
           f"(loss rows {rows_per_step}) k={args.k} chunk_rows={args.chunk_rows} steps={args.steps} torch={torch.__version__}")
     body = results.get("body", {}).get("peak_bytes")
-    kd = results.get("kd")
+    kd, ce = results.get("kd"), results.get("ce")
     rows = []
     for name, r in results.items():
         median = statistics.median(r["seconds"])
@@ -169,10 +169,11 @@ def memory_main(args) -> None:
             f"{above / 2**30:.2f}" if above is not None else "-",
             f"{above / kd_above:.2f}×" if kd_above and name != "body" else "-",
             f"{kd_median / median:.2f}×" if kd_median and name != "body" else "-",
+            f"{r['peak_bytes'] / ce['peak_bytes']:.2f}×" if ce and name != "body" else "-",
             f"{r['losses'][0]:.6f}",
         ))
     print(table(rows, ("variant", "median step s", "tokens/s", "peak GiB", "peak above body GiB", "above-body vs kd",
-                       "tokens/s vs kd", "loss (step 1)")))
+                       "tokens/s vs kd", "peak vs ce", "loss (step 1)")))
 
 
 def loops_main(args) -> None:
