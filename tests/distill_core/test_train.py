@@ -87,9 +87,10 @@ def test_interrupted_training_resumes_to_the_same_weights(setup, tiny_teacher):
     assert again == resumed  # a finished student is returned, not retrained
 
 
-def test_compiled_training_follows_eager(setup, tiny_teacher):
+@pytest.mark.parametrize("chunk_rows", [None, 40], ids=["logits", "fused"])  # fused: the compiled student runs its body only
+def test_compiled_training_follows_eager(setup, tiny_teacher, chunk_rows):
     storage, batches = setup
-    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")
+    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu", loss_chunk_rows=chunk_rows)
     eager = train(copy.deepcopy(tiny_teacher), batches, cfg, TERMS, storage, "students/eager")
     from torch._dynamo.utils import counters
 
