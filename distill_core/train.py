@@ -140,15 +140,14 @@ def body_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     The model is called whole (through a DDP or torch.compile wrapper, whose forward must run) with no
     position's logits kept, so only its body does work; its last hidden state is the head's input."""
-    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=input_ids.new_zeros(0))
     inner = getattr(model, "module", model)  # DDP keeps the model as .module (torch.compile forwards attributes)
-    config = inner.config
     for name in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, name, None) not in (None, 1.0):
+        if getattr(inner.config, name, None) not in (None, 1.0):
             raise ConfigError(
                 f"train.loss_chunk_rows computes the LM head from the student's hidden states, but this student's head "
-                f"also applies {name} = {getattr(config, name)}, which the fused loss does not: set train.loss_chunk_rows to null."
+                f"also applies {name} = {getattr(inner.config, name)}, which the fused loss does not: set train.loss_chunk_rows to null."
             )
+    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=input_ids.new_zeros(0))
     head = inner.get_output_embeddings()
     return out.hidden_states[-1][:, :-1], head.weight, head.bias
 

@@ -106,17 +106,19 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
         values = torch.zeros(len(terms), dtype=torch.float32, device=hidden.device)
+        need_grad = any(ctx.needs_input_grad[:3])
         for start in range(0, n, chunk_rows):
             end = min(start + chunk_rows, n)
             hc = h[start:end]
             logits = F.linear(hc, weight, bias)
             with torch.enable_grad():
-                logits.requires_grad_()
+                logits.requires_grad_(need_grad)
                 per_term = _chunk_values(logits, y[start:end], terms, [r[start:end] for r in rows],
                                          [_rows(t, start, end) for t in targets], tail)
-                total = sum(t.weight * v for t, v in zip(terms, per_term))
-                (grad_logits,) = torch.autograd.grad(total, logits)
-            values += torch.stack([v.detach() for v in per_term])
+                values += torch.stack([v.detach() for v in per_term])
+                if not need_grad:  # e.g. under torch.no_grad: values only
+                    continue
+                (grad_logits,) = torch.autograd.grad(sum(t.weight * v for t, v in zip(terms, per_term)), logits)
             grad_hidden[start:end] = grad_logits @ weight
             if grad_logits.dtype == hc.dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.t(), hc)  # in place: no [V, D] temporary per chunk

@@ -78,6 +78,18 @@ def test_all_masked_gives_zero():
     assert all((g == 0).all() for g in _grads(total, (hidden, weight, bias)))
 
 
+def test_fused_values_without_gradients():
+    hidden, weight, bias, labels, mask, targets = _inputs(seed=6)
+    rows = mask.float() / mask.sum()
+    terms = [HeadTerm("ce", 0.5, rows), HeadTerm("skew_kl", 0.5, rows, targets, TAU, BETA)]
+    with_grad, values = fused_head_loss(hidden, weight, bias, labels, terms, tail="renormalize", chunk_rows=4)
+    with torch.no_grad():
+        total, no_grad_values = fused_head_loss(hidden, weight, bias, labels, terms, tail="renormalize", chunk_rows=4)
+    assert not total.requires_grad
+    torch.testing.assert_close(total, with_grad.detach())
+    torch.testing.assert_close(no_grad_values, values)
+
+
 @pytest.mark.parametrize("chunk_rows", [4, 21])
 def test_fused_token_ce_equals_unfused(chunk_rows):
     hidden, weight, bias, labels, mask, _ = _inputs(seed=4)
