@@ -28,8 +28,9 @@ from distill_core.teacher.sample import sample
 MODELS = ("gpt2-124m-random", "tiny")
 
 
-def build_model(name: str, device: str, dtype: str) -> torch.nn.Module:
-    """A random-weight GPT-2, built offline: GPT2Config() defaults (124M) or the tests' tiny shape."""
+def build_model(name: str, device: str, dtype: str, n_layer: int | None = None, n_positions: int | None = None) -> torch.nn.Module:
+    """A random-weight GPT-2, built offline: GPT2Config() defaults (124M) or the tests' tiny shape
+    (``n_layer`` / ``n_positions``: override the shape's)."""
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -41,6 +42,10 @@ def build_model(name: str, device: str, dtype: str) -> torch.nn.Module:
         config = GPT2Config(vocab_size=384, n_positions=256, n_embd=32, n_layer=4, n_head=2)
     else:
         raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
+    if n_layer is not None:
+        config.n_layer = n_layer
+    if n_positions is not None:
+        config.n_positions = n_positions
     return GPT2LMHeadModel(config).to(device=device, dtype=getattr(torch, dtype)).eval()
 
 

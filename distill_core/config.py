@@ -231,8 +231,9 @@ class TrainConfig(_Model):
     grad_clip: float = Field(1.0, gt=0.0)
     loss_chunk_rows: int | None = Field(
         None, ge=1,
-        description="Compute divergences this many token positions at a time, recomputed in backward: bounds the "
-        "loss's full-vocabulary memory (e.g. 2048 for 16×1024 batches on GPU). Same values as unchunked.",
+        description="Fuse the LM head with the loss: the student runs its body, and the logits, CE and divergences "
+        "(with their gradients) are computed this many token positions at a time, so the full [B·T, V] logits never "
+        "exist (e.g. 2048 for 16×1024 batches on GPU). Null: the model's own logits. Same values either way.",
     )
     compile: bool = Field(
         False,

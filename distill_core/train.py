@@ -20,11 +20,13 @@ import torch
 from distill_core import checkpoints, distributed
 from distill_core.batches import StepBatch
 from distill_core.config import LossTerm, TrainConfig
-from distill_core.errors import CacheError
+from distill_core.errors import CacheError, ConfigError
 from distill_core.losses.divergence import sparse_divergence
+from distill_core.losses.fused import HeadTerm, fused_head_loss, fused_token_ce
 from distill_core.losses.reduce import masked_mean
 from distill_core.losses.ranking import listwise_loss, pairwise_margin_loss
-from distill_core.losses.sequence import length_normalised, sequence_logprob, token_cross_entropy
+from distill_core.losses.registry import DIVERGENCES
+from distill_core.losses.sequence import length_normalised, token_cross_entropy
 from distill_core.storage import Storage
 
 Progress = Callable[[int, int, dict], None]
@@ -77,40 +79,116 @@ def loss_step(
 
     One student forward per source serves every term on that source. ``temperatures`` maps a
     source to the temperature its soft targets were taken at (1 when absent); ``length_penalty`` normalises the
-    student's beam-candidate scores as the teacher's were."""
-    logits: dict[str, torch.Tensor] = {}
-    parts = {}
-    for term in terms:
-        b = batch[term.source]
-        if term.source not in logits:
-            logits[term.source] = student(input_ids=b.input_ids).logits[:, :-1]
-        out, labels = logits[term.source], b.input_ids[:, 1:]
-        if term.name in ("ce", "seqkd"):
-            value = masked_mean(token_cross_entropy(out, labels, b.loss_mask), b.loss_mask)
-        elif term.name == "beam_top1":
-            mask = b.loss_mask & b.is_top1[:, None]
-            value = masked_mean(token_cross_entropy(out, labels, mask), mask)
-        elif term.name == "beam_rank":
-            sum_lp, n_tokens = sequence_logprob(out, labels, b.loss_mask)
-            scores = length_normalised(sum_lp, n_tokens, length_penalty).view_as(b.teacher_scores)
-            if term.ranking == "listwise":
-                per_prompt = listwise_loss(scores, b.teacher_scores, b.valid, term.rank_temperature)
-            else:
-                per_prompt = pairwise_margin_loss(scores, b.teacher_scores, b.valid, term.margin)
-            value = per_prompt.mean()
-        else:
-            if b.targets is None:
+    student's beam-candidate scores as the teacher's were. ``chunk_rows`` (``train.loss_chunk_rows``): the
+    student runs only its body and the LM head and losses are computed that many positions at a time
+    (``losses.fused``), so no [B·T, V] logits exist; the values and gradients are the same. The terms'
+    values are then detached (logged, not differentiated); the total carries the gradient."""
+    total: torch.Tensor | float = 0.0
+    parts: dict[str, torch.Tensor] = {}
+    for source in dict.fromkeys(t.source for t in terms):
+        own = [t for t in terms if t.source == source]
+        b = batch[source]
+        labels = b.input_ids[:, 1:]
+        temperature = temperatures.get(source, 1.0)
+        for term in own:
+            if term.name in DIVERGENCES and b.targets is None:
                 raise CacheError(f"loss {term.name!r} needs the teacher's top-k on {term.source}, but that cache has none.")
-            per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperatures.get(term.source, 1.0),
-                                          beta=term.beta, chunk_rows=chunk_rows)
-            value = masked_mean(per_token, b.loss_mask)
-        parts[_part_name(term)] = value
-    total = sum(t.weight * parts[_part_name(t)] for t in terms)
+        ranked = any(t.name == "beam_rank" for t in own)
+        if chunk_rows is not None and not ranked:
+            hidden, weight, bias = body_and_head(student, b.input_ids)
+            head_terms = [
+                HeadTerm("ce" if t.name in _CE_NAMES else t.name, t.weight, _mean_weights(_term_mask(t, b)),
+                         b.targets if t.name in DIVERGENCES else None, temperature, t.beta)
+                for t in own
+            ]
+            source_total, values = fused_head_loss(hidden, weight, bias, labels, head_terms, tail=tail, chunk_rows=chunk_rows)
+            parts.update({_part_name(t): values[i] for i, t in enumerate(own)})
+            total = total + source_total
+            continue
+        if chunk_rows is None:
+            out = student(input_ids=b.input_ids).logits[:, :-1]
+            ce = token_cross_entropy(out, labels, b.loss_mask) if any(t.name in _CE_NAMES for t in own) else None
+        else:  # ranking beams is not linear in the per-token values: per-token CE, recomputed per chunk in backward
+            hidden, weight, bias = body_and_head(student, b.input_ids)
+            out, ce = None, fused_token_ce(hidden, weight, bias, labels, b.loss_mask, chunk_rows=chunk_rows)
+        for term in own:
+            if term.name in _CE_NAMES:
+                mask = _term_mask(term, b)
+                value = masked_mean(ce, mask)
+            elif term.name == "beam_rank":
+                sum_lp, n_tokens = -ce.sum(-1), b.loss_mask.sum(-1)  # sequence_logprob from the per-token CE
+                scores = length_normalised(sum_lp, n_tokens, length_penalty).view_as(b.teacher_scores)
+                if term.ranking == "listwise":
+                    per_prompt = listwise_loss(scores, b.teacher_scores, b.valid, term.rank_temperature)
+                else:
+                    per_prompt = pairwise_margin_loss(scores, b.teacher_scores, b.valid, term.margin)
+                value = per_prompt.mean()
+            else:
+                per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperature, beta=term.beta)
+                value = masked_mean(per_token, b.loss_mask)
+            parts[_part_name(term)] = value
+            total = total + term.weight * value
     return total, parts
+
+
+# Terms that are cross-entropy on their source's tokens, each under its own mask (``_term_mask``).
+_CE_NAMES = ("ce", "seqkd", "beam_top1")
+
+
+def _term_mask(term: LossTerm, b) -> torch.Tensor:
+    """[B, T-1] bool: the positions a term trains on (beam_top1: the teacher's best candidate only)."""
+    return b.loss_mask & b.is_top1[:, None] if term.name == "beam_top1" else b.loss_mask
+
+
+def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Row weights of a masked mean (``reduce.masked_mean``): 1/count on the mask, 0 elsewhere."""
+    return mask.float() / mask.sum().clamp(min=1)
+
+
+def body_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The student's final hidden states [B, T-1, D] (the LM head's input at every position that has a
+    next token), and the head's weight [V, D] and bias [V] or None.
+
+    The model is called whole (through a DDP or torch.compile wrapper, whose forward must run) with no
+    position's logits kept, so only its body does work; its last hidden state is the head's input."""
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module (torch.compile forwards attributes)
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(inner.config, name, None) not in (None, 1.0):
+            raise ConfigError(
+                f"train.loss_chunk_rows computes the LM head from the student's hidden states, but this student's head "
+                f"also applies {name} = {getattr(inner.config, name)}, which the fused loss does not: set train.loss_chunk_rows to null."
+            )
+    out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=input_ids.new_zeros(0))
+    head = inner.get_output_embeddings()
+    return out.hidden_states[-1][:, :-1], head.weight, head.bias
 
 
 def _part_name(term: LossTerm) -> str:
     return f"{term.name}@samples" if term.on == "samples" else term.name
+
+
+def train_step(
+    model, student, optimizer, micros: list[StepBatch], terms: list[LossTerm], cfg: TrainConfig, *, temperatures: dict[str, float],
+    length_penalty: float = 1.0, autocast=nullcontext(), grad_sync: Callable[[bool], object] = lambda last: nullcontext(),
+) -> dict[str, float]:
+    """One optimizer step over the micro-batches ``micros`` (gradient accumulation): each one's forward and
+    ``loss_step`` under ``autocast``, backward inside ``grad_sync(is_last)``; then gradient clipping and
+    ``optimizer.step()``. ``model`` is what runs forward (``student``, or its DDP / compiled wrapper);
+    ``student`` owns the parameters. Returns the loss and each part, averaged over the micro-batches."""
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    for micro, batch in enumerate(micros):
+        with grad_sync(micro + 1 == len(micros)):
+            with autocast:
+                loss, parts = loss_step(model, batch, terms, tail=cfg.tail, temperatures=temperatures, length_penalty=length_penalty,
+                                        chunk_rows=cfg.loss_chunk_rows)
+            (loss / len(micros)).backward()
+        for name, value in [("loss", loss), *parts.items()]:
+            # .item() is a device sync; once per micro-batch is cheap next to the step itself.
+            sums[name] = sums.get(name, 0.0) + value.item() / len(micros)
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return sums
 
 
 def train(
@@ -152,24 +230,11 @@ def train(
     stream = batches(start * cfg.grad_accum)
     tokens, t0 = 0, time.perf_counter()
     for step in range(start, cfg.steps):
-        optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = world.shard(next(stream)).to(device)
-            with world.grad_sync(model, micro + 1 == cfg.grad_accum):
-                with autocast:
-                    loss, parts = loss_step(
-                        model, batch, terms, tail=cfg.tail, temperatures=temperatures or {}, length_penalty=length_penalty,
-                        chunk_rows=cfg.loss_chunk_rows,
-                    )
-                (loss / cfg.grad_accum).backward()
-            tokens += batch.num_tokens
-            for name, value in [("loss", loss), *parts.items()]:
-                # .item() is a device sync; once per micro-batch is cheap next to the step itself.
-                sums[name] = sums.get(name, 0.0) + value.item() / cfg.grad_accum
+        micros = [world.shard(next(stream)).to(device) for _ in range(cfg.grad_accum)]
+        sums = train_step(model, student, optimizer, micros, terms, cfg, temperatures=temperatures or {},
+                          length_penalty=length_penalty, autocast=autocast, grad_sync=lambda last: world.grad_sync(model, last))
+        tokens += sum(batch.num_tokens for batch in micros)
         sums = world.mean(sums)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        optimizer.step()
         scheduler.step()
         record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], **sums}
         history.append(record)

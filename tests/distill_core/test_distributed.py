@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = "ddp"
 
 
-def _config(root: Path, teacher_dir: Path) -> dict:
+def _config(root: Path, teacher_dir: Path, **train) -> dict:
     return {
         "storage": {"root": str(root)},
         "teacher": {"kind": "path", "path": str(teacher_dir)},
@@ -40,14 +40,14 @@ def _config(root: Path, teacher_dir: Path) -> dict:
         "student": {"init": "teacher_layers", "layers": [0, 3]},
         # grad_accum 2 exercises DDP's no_sync; the global batch is 4 x 2 rows per step at any world size.
         "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1,
-                  "checkpoint_every": 2, "keep_final_checkpoints": True, "device": "cpu", "baseline": False},
+                  "checkpoint_every": 2, "keep_final_checkpoints": True, "device": "cpu", "baseline": False, **train},
         "registry": {"name": "tiny"},
     }
 
 
-def _prepared_run(root: Path, teacher_dir: Path) -> Path:
+def _prepared_run(root: Path, teacher_dir: Path, **train) -> Path:
     """A run record with the teacher, prepare_data and cache_topk stages done; returns its config file."""
-    raw = _config(root, teacher_dir)
+    raw = _config(root, teacher_dir, **train)
     cfg = parse_config(raw)
     storage = Storage(str(root))
     record = RunRecord(storage, RUN)
@@ -81,14 +81,18 @@ def _assert_same_training(a, b) -> None:
         assert [h[key] for h in hb] == pytest.approx([h[key] for h in ha], rel=1e-4, abs=1e-7), key
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        # atol 3e-5, not 1e-5: DDP averages gradients in another float order than one process, and
+        # AdamW's g/√v turns that into ~1.5e-5 after 6 steps where a weight's gradients are tiny.
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=3e-5)
 
 
-def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, tiny_teacher_dir):
+# loss_chunk_rows: the fused head + loss runs the model through DDP's forward, so gradients still sync.
+@pytest.mark.parametrize("train", [{}, {"loss_chunk_rows": 7}], ids=["logits", "fused"])
+def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, tiny_teacher_dir, train):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    config_one = _prepared_run(one, tiny_teacher_dir)
+    config_one = _prepared_run(one, tiny_teacher_dir, **train)
     shutil.copytree(one, two)
-    config_two = _write_config(two, _config(two, tiny_teacher_dir))
+    config_two = _write_config(two, _config(two, tiny_teacher_dir, **train))
 
     assert train_cli.main([str(config_one), "--run-id", RUN]) == 0
     single = _trained(one)
@@ -110,7 +114,7 @@ def test_two_gloo_processes_match_one_and_resume_in_one(tmp_path, tiny_teacher_d
     assert sorted(p.name for p in (student_dir / "checkpoints").iterdir()) == ["step-000004"]
     shutil.rmtree(student_dir / "model")
     (resumed / f"runs/{RUN}/stages/train_student.json").unlink()
-    config_resumed = _write_config(resumed, _config(resumed, tiny_teacher_dir))
+    config_resumed = _write_config(resumed, _config(resumed, tiny_teacher_dir, **train))
     assert train_cli.main([str(config_resumed), "--run-id", RUN]) == 0
     _assert_same_training(single, _trained(resumed))
 

@@ -56,9 +56,10 @@ def test_stream_is_deterministic_and_skippable(topk_run):
     assert full[0].shape == (4, 24) and next(batches(0))["data"].targets.ids.shape == (4, 23, 4)
 
 
-def test_compiled_training_follows_eager(topk_run, tiny_teacher):
+@pytest.mark.parametrize("chunk_rows", [None, 40], ids=["logits", "fused"])  # fused: the compiled student runs its body only
+def test_compiled_training_follows_eager(topk_run, tiny_teacher, chunk_rows):
     storage, batches = topk_run
-    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu")
+    cfg = TrainConfig(steps=4, batch_size=4, warmup_steps=1, device="cpu", loss_chunk_rows=chunk_rows)
     eager = train(copy.deepcopy(tiny_teacher), batches, cfg, TERMS, storage, "students/eager")
     from torch._dynamo.utils import counters
 
