@@ -102,13 +102,18 @@ def test_model_card_has_metrics_lineage_config(storage, tiny_teacher, tiny_token
 
 def test_entry_written_after_all_files(storage, tiny_teacher, tiny_tokenizer, monkeypatch):
     written = []
-    original = storage.write_bytes
+    original_bytes, original_file = storage.write_bytes, storage.upload_file
 
     def recording(rel, data):
         written.append(rel)
-        original(rel, data)
+        original_bytes(rel, data)
+
+    def uploading(local_file, rel):
+        written.append(rel)
+        original_file(local_file, rel)
 
     monkeypatch.setattr(storage, "write_bytes", recording)
+    monkeypatch.setattr(storage, "upload_file", uploading)
     _register(storage, tiny_teacher, tiny_tokenizer, 10.0)
 
     in_version = [rel.removeprefix("registry/student/1/") for rel in written if rel.startswith("registry/student/1/")]

@@ -184,6 +184,12 @@ KILLED_STAGE = textwrap.dedent("""
 
     def forward_then_die(*args, **kwargs):
         if finished:  # the second shard's first forward pass: die mid-shard, no cleanup
+            # ... once the background writer has recorded the first shard (it writes while this forward runs)
+            import glob, time
+            deadline = time.monotonic() + 60
+            pattern = os.path.join(config.storage.root, "caches", "**", "*.commit.json")
+            while not glob.glob(pattern, recursive=True) and time.monotonic() < deadline:
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
         return forward(*args, **kwargs)
 
