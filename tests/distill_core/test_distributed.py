@@ -81,9 +81,10 @@ def _assert_same_training(a, b) -> None:
         assert [h[key] for h in hb] == pytest.approx([h[key] for h in ha], rel=1e-4, abs=1e-7), key
     assert wa.keys() == wb.keys()
     for k in wa:
-        # atol 3e-5, not 1e-5: DDP averages gradients in another float order than one process, and
-        # AdamW's g/√v turns that into ~1.5e-5 after 6 steps where a weight's gradients are tiny.
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=3e-5)
+        # atol 1e-4, not 1e-5: DDP averages gradients in another float order than one process, and
+        # AdamW's g/√v turns that into a few 1e-5 after 6 steps (lr 3e-3) where a weight's gradients are
+        # tiny; measured up to 5.5e-5 on one element of 3,072 (the fused head sums in chunks).
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
 
 
 # loss_chunk_rows: the fused head + loss runs the model through DDP's forward, so gradients still sync.
