@@ -42,3 +42,29 @@ def test_missing_config_file_says_so(tmp_path):
 def test_json_schema_has_descriptions_and_choices():
     schema = RunConfig.model_json_schema()
     assert "forward_kl" in str(schema) and "description" in str(schema["$defs"]["TopKConfig"])
+
+
+def _losses(*names, **extra):
+    return {"losses": [{"name": n, **extra} for n in names]}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"topk": {"strategy": "sampled"}, "train": _losses("reverse_kl", "ce")}, r"\['reverse_kl'\] cannot be estimated from teacher draws"),
+    ({"topk": {"strategy": "sampled"}, "train": _losses("jsd", "tvd")}, r"\['jsd', 'tvd'\]"),
+    ({"topk": {"strategy": "hybrid"}, "train": {**_losses("forward_kl"), "tail": "renormalize"}}, "set train.tail to 'bucket'"),
+    ({"topk": {"temperatures": [2.0]}, "train": {"temperature": 4.0}}, r"serves \[1.0, 2.0\]: set train.temperature to one of them"),
+    ({"topk": {"temperatures": [0.0]}}, "must each be in"),
+])
+def test_targets_the_strategy_cannot_give_are_refused_when_parsed(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    {"topk": {"strategy": "sampled"}, "train": _losses("forward_kl", "skew_kl", "ce")},
+    {"topk": {"strategy": "hybrid"}, "train": _losses("forward_kl", "reverse_kl", "jsd", "tvd")},
+    {"topk": {"strategy": "sampled"}, "samples": {"soft_topk": 8}, "train": _losses("reverse_kl", on="samples")},
+    {"topk": {"temperature": 2.0, "temperatures": [1.0, 4.0]}, "train": {"temperature": 4.0}},
+])
+def test_targets_the_strategy_gives_are_accepted(raw):
+    assert isinstance(parse_config(raw), RunConfig)
