@@ -94,8 +94,10 @@ def sparse_from_logits(teacher_logits: torch.Tensor, cfg: TopKConfig, uniforms: 
         if head:
             p.scatter_(-1, top_ids, 0.0)
         cdf = p.cumsum_(dim=-1)
-        u = uniforms.reshape(n, -1).to(x.device, torch.float64) * cdf[:, -1:].double()
-        drawn = torch.searchsorted(cdf.double(), u, right=True).clamp_(max=vocab - 1).sort(dim=-1).values
+        # float32 like the logits: a float64 copy of the CDF would double this step's memory
+        total = cdf[:, -1:]
+        u = torch.minimum(uniforms.reshape(n, -1).to(x.device, torch.float32) * total, torch.nextafter(total, torch.zeros_like(total)))
+        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).sort(dim=-1).values
         first = torch.ones_like(drawn, dtype=torch.bool)
         first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
         n_drawn = first.sum(-1).cpu()
