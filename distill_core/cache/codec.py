@@ -5,8 +5,12 @@ m draws from the teacher, with their counts; none for ``topk``). Per sequence ro
 binary column per field, each holding that row's positions back to back (zstd then compresses each
 column on its own):
 
-  ids      per position the head ids ascending, then the drawn ids ascending, each group delta-coded
-           (first id, then gap − 1) as LEB128 varints: 1 byte for a gap under 128, 2 under 16,384
+  ids      per position the head ids, then the drawn ids, each group coded as the ids' ranks in the
+           shard's dictionary, ascending and delta-coded (first rank, then gap − 1) as LEB128 varints:
+           1 byte for a gap under 128, 2 under 16,384. Frequent ids get small ranks, so a position's
+           common ids cost about a byte each
+  dictionary  (first row only) the shard's distinct ids ascending, delta-coded, then their order by
+           frequency (most frequent first, ties by id): rank r is the r-th id of that order
   n_drawn  uint8 per position: how many unique ids the draws gave (sampled, hybrid)
   counts   uint8 per drawn id: how many of the m draws gave it (m ≤ 255)
   dlogit   uint8 per kept id: round((z_ref − z) / step), z the teacher's raw logit at the id and z_ref
@@ -20,8 +24,8 @@ Raw logits plus the log-normaliser at each listed τ give log p_τ(i) = −(z_re
 of them, so one capture serves students at every listed temperature.
 
 Error bound (tested): |Δ log p_τ| ≤ step / (2τ) + 2^-11 · L_τ (the dlogit rounding plus float16
-rounding of L_τ), and |Δ tail| ≤ 1/4096 nat within its range. Ids and counts are exact. Decoding the
-quantised fields and encoding them again gives the same bytes.
+rounding of L_τ), and |Δ tail| ≤ 1/4096 nat within its range. Ids and counts are exact (each group's
+ids come back in rank order). Decoding the quantised fields and encoding them again gives the same bytes.
 """
 
 from __future__ import annotations
@@ -45,13 +49,14 @@ class SparseRows:
     """Sparse targets of N positions as flat numpy arrays (before quantisation, or decoded).
 
     head:    ids per position kept exactly (the top-k; 0 for sampled).
-    ids:     int64 [E], per position its ``head`` ids ascending, then its drawn ids ascending.
+    ids:     int64 [E], per position its ``head`` ids, then its drawn ids (in any order within each
+             group when encoding; decoded, by rank in the shard's dictionary).
     logits:  float32 [E], the teacher's raw logits at ``ids`` (decoded: relative to the position's
              largest kept logit, so ≤ 0).
     lse:     float32 [N, nT], logsumexp(z / τ) over the vocabulary at each temperature (decoded:
              relative to the largest kept logit, i.e. L_τ).
     n_drawn: int64 [N], unique drawn ids per position (all 0 for topk).
-    counts:  int64 [E − N·head], draws that gave each drawn id, in ``ids`` order.
+    counts:  int64 [E − N·head], draws that gave each drawn id, in ``ids`` order (ids unique within a group).
     tail:    float32 [N, nT], log teacher mass outside the head at each τ (−inf: none); None when head = 0.
     """
 
@@ -119,7 +124,7 @@ def _groups(rows: SparseRows) -> np.ndarray:
 
 
 def _delta(ids: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Per group: the first id, then each gap − 1 (ids strictly ascending within a group)."""
+    """Per group: the first value, then each gap − 1 (values strictly ascending within a group)."""
     gaps = np.diff(ids, prepend=0) - 1
     first = _group_starts(groups)[groups > 0]
     gaps[first] = ids[first]
@@ -141,6 +146,7 @@ class Quantised:
     """The integer fields of :class:`SparseRows` as stored (see the module docstring)."""
 
     head: int
+    dictionary: np.ndarray  # uint8: varints [number of distinct ids, their deltas, their frequency order]
     id_bytes: np.ndarray  # uint8 [B]
     id_nbytes: np.ndarray  # int64 [E] (encoding only; decoding recovers values without it)
     n_drawn: np.ndarray  # uint8 [N]
@@ -151,6 +157,25 @@ class Quantised:
     tail: np.ndarray | None  # uint16 [N, nT]
 
 
+def by_rank(rows: SparseRows) -> tuple[SparseRows, np.ndarray, np.ndarray]:
+    """``rows`` with each group's ids in rank order, the ranks [E], and the dictionary (ids by rank).
+
+    Ranks: ids by how often the shard keeps them, most often first, ties by id; a function of the
+    shard's ids alone, so decoded rows rank (and encode) the same way again."""
+    distinct, inverse, counts = np.unique(rows.ids, return_inverse=True, return_counts=True)
+    order = np.lexsort((distinct, -counts))
+    rank_of = np.empty(len(distinct), dtype=np.int64)
+    rank_of[order] = np.arange(len(distinct))
+    rank = rank_of[inverse.reshape(-1)]
+    groups = _groups(rows)
+    perm = np.lexsort((rank, np.repeat(np.arange(len(groups)), groups)))
+    drawn = drawn_mask(rows).mask
+    full_counts = np.zeros(len(rows.ids), dtype=np.int64)
+    full_counts[drawn] = rows.counts
+    ranked = SparseRows(rows.head, rows.ids[perm], rows.logits[perm], rows.lse, rows.n_drawn, full_counts[perm][drawn], rows.tail)
+    return ranked, rank[perm], distinct[order]
+
+
 def quantise(rows: SparseRows, temperatures: list[float]) -> Quantised:
     """Quantise ``rows`` (module docstring); ``temperatures`` are the τ of ``rows.lse``'s columns."""
     sizes = rows.sizes()
@@ -158,6 +183,10 @@ def quantise(rows: SparseRows, temperatures: list[float]) -> Quantised:
         raise ValueError("every position must keep at least one id")
     if rows.counts.size and rows.counts.max() > 255:
         raise ValueError(f"a drawn id's count {rows.counts.max()} exceeds 255: draw at most 255 times a position")
+    rows, rank, ids_by_rank = by_rank(rows)
+    distinct = np.sort(ids_by_rank)
+    order = np.searchsorted(distinct, ids_by_rank)
+    dictionary, _ = varint_encode(np.concatenate([[len(distinct)], _delta(distinct, np.array([len(distinct)])), order]))
     starts = _group_starts(sizes)
     pos = np.repeat(np.arange(len(sizes)), sizes)
     z = rows.logits.astype(np.float64)
@@ -174,9 +203,9 @@ def quantise(rows: SparseRows, temperatures: list[float]) -> Quantised:
     if rows.head:
         t = np.rint(-rows.tail.astype(np.float64) * _TAIL_SCALE)
         tail = np.where(np.isneginf(rows.tail), _TAIL_NONE, np.clip(np.nan_to_num(t, posinf=_TAIL_MAX), 0, _TAIL_MAX)).astype(np.uint16)
-    id_bytes, id_nbytes = varint_encode(_delta(rows.ids.astype(np.int64), _groups(rows)))
-    return Quantised(rows.head, id_bytes, id_nbytes, rows.n_drawn.astype(np.uint8), rows.counts.astype(np.uint8), dlogit,
-                     step, lognorm, tail)
+    id_bytes, id_nbytes = varint_encode(_delta(rank, _groups(rows)))
+    return Quantised(rows.head, dictionary, id_bytes, id_nbytes, rows.n_drawn.astype(np.uint8), rows.counts.astype(np.uint8),
+                     dlogit, step, lognorm, tail)
 
 
 def dequantise(q: Quantised) -> SparseRows:
@@ -187,7 +216,10 @@ def dequantise(q: Quantised) -> SparseRows:
     gaps = varint_decode(q.id_bytes)
     if len(gaps) != int(sizes.sum()):
         raise CacheError(f"a cache shard holds {len(gaps)} ids where its counts say {int(sizes.sum())}: recompute the cache.")
-    ids = _undelta(gaps, groups)
+    words = varint_decode(q.dictionary)
+    n_distinct = int(words[0])
+    distinct = _undelta(words[1 : 1 + n_distinct], np.array([n_distinct]))
+    ids = distinct[words[1 + n_distinct :]][_undelta(gaps, groups)]
     pos = np.repeat(np.arange(len(sizes)), sizes)
     logits = -(q.dlogit.astype(np.float32) * q.step.astype(np.float32)[pos])
     tail = None
@@ -224,6 +256,7 @@ def encode_table(seq_ids: np.ndarray, rows: SparseRows, temperatures: list[float
     row_pos = np.arange(1, n + 1) * per_row
     cols = {
         "seq_id": pa.array(seq_ids, pa.int64()),
+        "dictionary": _binary(q.dictionary, np.full(n, len(q.dictionary))),
         "ids": _binary(q.id_bytes, entry_bytes[row_entries]),
         "dlogit": _binary(q.dlogit, row_entries),
         "step": _binary(q.step, row_pos * 2),
@@ -247,6 +280,7 @@ def decode_table(table: pa.Table, head: int, temperatures: list[float]) -> tuple
     n_drawn = _flat(table["n_drawn"], np.uint8) if "n_drawn" in names else np.zeros(n_pos, np.uint8)
     q = Quantised(
         head=head,
+        dictionary=_flat(table["dictionary"], np.uint8),
         id_bytes=_flat(table["ids"], np.uint8),
         id_nbytes=np.zeros(0, np.int64),
         n_drawn=n_drawn,

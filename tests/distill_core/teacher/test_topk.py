@@ -21,8 +21,13 @@ def prepared(tmp_path, tiny_tokenizer):
 
 
 def _targets(ref, storage, data, temperature=None):
+    """The first shard's targets, top-k ids ascending (the codec gives them by rank)."""
     name = shards_for(ref, storage, data.train)[0]
-    return read_targets(ref.open(storage).read_shard(name), ref.meta, ref.meta["temperature"] if temperature is None else temperature)
+    seq_ids, out = read_targets(ref.open(storage).read_shard(name), ref.meta, ref.meta["temperature"] if temperature is None else temperature)
+    if "topk_ids" in out:
+        order = np.argsort(out["topk_ids"], -1)
+        out["topk_ids"], out["topk_logprobs"] = (np.take_along_axis(out[k], order, -1) for k in ("topk_ids", "topk_logprobs"))
+    return seq_ids, out
 
 
 def _teacher_logprobs(tiny_teacher, storage, data, tau=1.0):
@@ -37,7 +42,7 @@ def test_topk_shards_hold_the_teachers_top_k(prepared, tiny_teacher):
     assert len(shards_for(ref, storage, data.train)) == 3
     seq_ids, out = _targets(ref, storage, data)
     logp = _teacher_logprobs(tiny_teacher, storage, data)
-    top = logp.topk(5, -1).indices.sort(-1).values  # the cache holds the top-k ids ascending
+    top = logp.topk(5, -1).indices.sort(-1).values
     assert out["topk_ids"].shape == (8, 23, 5)
     np.testing.assert_array_equal(out["topk_ids"], top.numpy())
     np.testing.assert_allclose(out["topk_logprobs"], logp.gather(-1, top).numpy(), atol=2e-2)  # the codec's bound
