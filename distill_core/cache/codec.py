@@ -98,14 +98,17 @@ def varint_decode(data: np.ndarray) -> np.ndarray:
     """Inverse of :func:`varint_encode`: uint8 [B] → int64 [E]."""
     if len(data) == 0:
         return np.zeros(0, dtype=np.int64)
-    end = (data & 0x80) == 0
+    end = data < 0x80
     if not end[-1]:
         raise CacheError("a cache shard's ids end inside a varint (truncated shard): recompute the cache.")
     starts = np.flatnonzero(np.concatenate([[True], end[:-1]]))
-    which = np.cumsum(np.concatenate([[0], end[:-1]]))
-    shift = (np.arange(len(data)) - starts[which]) * 7
-    payload = (data & 0x7F).astype(np.uint64) << shift.astype(np.uint64)
-    return np.add.reduceat(payload, starts).astype(np.int64)
+    lengths = np.diff(starts, append=len(data))
+    values = (data[starts] & 0x7F).astype(np.int64)
+    # One pass per byte position, over the values that long only (most are 1–2 bytes).
+    for j in range(1, int(lengths.max())):
+        longer = np.flatnonzero(lengths > j)
+        values[longer] |= (data[starts[longer] + j] & 0x7F).astype(np.int64) << (7 * j)
+    return values
 
 
 def _group_starts(sizes: np.ndarray) -> np.ndarray:
