@@ -123,3 +123,10 @@ def test_hybrid_draws_lie_outside_the_top_k():
     assert (mass > 0).any() and not (in_top & (mass > 0)).any()
     # the drawn ids share the tail mass at the capture temperature
     np.testing.assert_allclose(mass.sum(-1), np.exp(out["tail_logprob"]), rtol=1e-3)
+
+
+def test_a_cache_in_a_newer_codec_is_refused_with_the_fix():
+    _, cfg, rows = _rows("topk", 300)
+    table = codec.encode_table(np.arange(3), rows, TAUS)
+    with pytest.raises(CacheError, match="codec 3, which this code .* cannot read: upgrade distillery"):
+        read_targets(table, {**_meta(cfg, rows.head), "codec": 3}, 1.0)
