@@ -16,3 +16,11 @@ def topk_run(tmp_path, tiny_tokenizer, tiny_teacher):
     stream = topk_stream(storage, data, cache, seed=0)
     batches = step_batches({"data": stream}, batch_size=4, pad_id=0)
     return storage, batches
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_tokenizer):
+    """(storage, DataRef) of a small prepared data set over the tiny tokenizer: three train shards of 8 rows."""
+    storage = Storage(str(tmp_path / "root"))
+    cfg = DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24, max_validation_sequences=4)
+    return storage, prepare_data(cfg, tiny_tokenizer, "tok", storage)

@@ -2,19 +2,11 @@ import pytest
 
 from distill_core.cache import stage
 from distill_core.cache.shards import ShardStore
-from distill_core.config import DataConfig, TopKConfig
-from distill_core.data import prepare_data
+from distill_core.config import TopKConfig
 from distill_core.storage import Storage
 from distill_core.teacher.topk import topk_job
 
 TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16, "dtype": "float32"}
-
-
-@pytest.fixture
-def prepared(tmp_path, tiny_tokenizer):
-    storage = Storage(str(tmp_path / "root"))
-    cfg = DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24, max_validation_sequences=4)
-    return storage, prepare_data(cfg, tiny_tokenizer, "tok", storage)
 
 
 def _copy(storage: Storage, data, tmp_path, name: str) -> Storage:

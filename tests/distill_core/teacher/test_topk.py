@@ -4,20 +4,13 @@ import pytest
 import torch
 
 from distill_core.cache.ref import shards_for
-from distill_core.config import DataConfig, TopKConfig
-from distill_core.data import prepare_data, read_sequences
+from distill_core.config import TopKConfig
+from distill_core.data import read_sequences
 from distill_core.errors import CacheError
 from distill_core.storage import Storage
 from distill_core.teacher.topk import cache_topk, read_topk_table
 
 TEACHER = {"source": "path:tiny", "fingerprint": "t" * 16, "dtype": "float32"}
-
-
-@pytest.fixture
-def prepared(tmp_path, tiny_tokenizer):
-    storage = Storage(str(tmp_path / "root"))
-    cfg = DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24, max_validation_sequences=4)
-    return storage, prepare_data(cfg, tiny_tokenizer, "tok", storage)
 
 
 def test_topk_shards_hold_the_teachers_top_k(prepared, tiny_teacher):
