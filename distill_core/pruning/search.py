@@ -56,8 +56,9 @@ def candidates(teacher_config, target: int, num_kv_heads: int, hidden_size: int,
     step = width_step(geo.intermediate_size)
     lo, hi = step, geo.intermediate_size
     p11, p1h, p21 = p(1, lo), p(1, hi), p(2, lo)
-    per_layer, per_neuron = p21 - p11, (p1h - p11) / (hi - lo)
+    per_layer, per_neuron = p21 - p11, (p1h - p11) // (hi - lo)  # exact: each neuron adds the same weights
     base = p11 - per_layer
+    count = lambda n, i: base + n * (per_layer + per_neuron * (i - lo))  # noqa: E731
     found = []
     for n in range(1, geo.num_layers + 1):
         width = (target - base - n * per_layer) / (n * per_neuron) + lo
@@ -65,8 +66,8 @@ def candidates(teacher_config, target: int, num_kv_heads: int, hidden_size: int,
         options = [i for i in options if step <= i <= geo.intermediate_size]
         if not options:
             continue
-        best = min(options, key=lambda i: abs(base + n * per_layer + n * per_neuron * (i - lo) - target))
-        params = p(n, best)
+        best = min(options, key=lambda i: abs(count(n, i) - target))
+        params = count(n, best)
         if abs(params - target) <= tolerance * target:
             found.append(Candidate(n, best, params))
     return found
