@@ -48,6 +48,13 @@ OBJECTIVES = {
     "beam_top1_rank": [T(name="beam_top1", weight=0.25), T(name="beam_rank", weight=0.25), T(name="ce", weight=0.5)],
 }
 
+# top-k cache strategies at about equal bytes per token on the demo (benchmarks/RESULTS.md, codec section).
+TOPK_STRATEGIES = {
+    "topk": {"strategy": "topk", "k": 32},
+    "sampled": {"strategy": "sampled", "draws": 80},
+    "hybrid": {"strategy": "hybrid", "k": 12, "draws": 24},
+}
+
 # Students of the demo's budget (about 49.6M parameters) cut from SmolLM2-135M-Instruct (30 layers,
 # hidden 576, MLP 1536, 9 heads in 3 KV groups, 49,152-token tied embedding = 28.3M of the budget).
 INITS = {
@@ -70,6 +77,7 @@ def main() -> None:
                         help="held-out sequences scored, and the pool of held-out prompts (default: the config's)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts for sample/beam metrics (default: the config's)")
     parser.add_argument("--inits", default=None, help="comma-separated student inits from INITS (or 'all'): the init grid")
+    parser.add_argument("--strategies", default=None, help="comma-separated top-k strategies from TOPK_STRATEGIES (or 'all')")
     parser.add_argument("--lrs", default=None, help="comma-separated peak learning rates of the init grid (default: the config's)")
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -106,6 +114,8 @@ def main() -> None:
     loaded.clear()
     print(f"teacher, data and caches ready in {time.perf_counter() - t0:.0f} s")
 
+    if args.strategies:
+        return strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device)
     if args.inits:
         return init_grid(args, cfg, train_cfg, objectives, storage, teacher, data, caches, device)
     folders = {}
@@ -187,6 +197,32 @@ def init_grid(args, cfg, train_cfg, objectives, storage, teacher, data, caches, 
             gap_text = f"{gap.estimate:.0%} [{gap.low:.0%}, {gap.high:.0%}]" if gap else "undefined"
             print(f"| {init} | {lr} | {objective} | {metrics[row]['val_ppl']:.1f} | {base['val_ppl']:.1f} | "
                   f"{cmp.estimate:.3f} [{cmp.low:.3f}, {cmp.high:.3f}] | {gap_text} |")
+
+
+def strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device) -> None:
+    """Soft-KD on a top-k cache of each strategy, against CE-only (same init, steps and learning rate)."""
+    names = list(TOPK_STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
+    folders = {"ce_only": train_student("ce_only", OBJECTIVES["ce_only"], cfg.student, train_cfg, storage, teacher, data).model_folder}
+    sizes = {}
+    for name in names:
+        topk = cfg.topk.model_copy(update=TOPK_STRATEGIES[name])
+        cache = run_all(topk_job(topk, teacher.to_dict(), data), load, data, storage)
+        store = cache.open(storage)
+        sizes[name] = store.num_bytes / (data.train_rows * (data.seq_len - 1))
+        t0 = time.perf_counter()
+        folders[name] = train_student(f"soft_kd_{name}", OBJECTIVES["soft_kd"], cfg.student, train_cfg, storage, teacher, data,
+                                      {"topk": cache}).model_folder
+        print(f"{name}: {train_cfg.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device, baseline="ce_only")
+    print(f"\nHeld-out: {metrics['teacher']['val_sequences']} validation sequences; soft-KD = 0.5·forward_kl + 0.5·ce, "
+          f"{train_cfg.steps} steps × {train_cfg.batch_size} sequences of {data.seq_len}.")
+    print("| top-k cache | settings | bytes / token | val ppl [95% CI] | ppl / CE-only [95% CI] | KL(teacher‖model) |")
+    print("|---|---|---|---|---|---|")
+    for name, m in ((n, metrics[n]) for n in ["ce_only", *names]):
+        settings = TOPK_STRATEGIES.get(name, {})
+        size = f"{sizes[name]:.1f}" if name in sizes else "-"
+        print(f"| {name} | {settings or '-'} | {size} | {_ci(m, 'val_ppl', '{:.1f}')} | {_ci(m, 'ppl_ratio_vs_baseline', '{:.3f}')} | "
+              f"{m.get('kl_to_teacher', float('nan')):.3f} |")
 
 
 def _ci(m: dict, key: str, fmt: str) -> str:

@@ -19,21 +19,21 @@ from distill_core.cache.ref import CacheRef, shards_for
 from distill_core.cache.shards import read_manifest
 from distill_core.data import DataRef, read_data_shard
 from distill_core.errors import CacheError
-from distill_core.losses.signals import TopKTargets
+from distill_core.losses.signals import SampledTargets, TopKTargets
 from distill_core.storage import Storage
 from distill_core.teacher.beams_cache import BEAMS_COLUMNS, read_beams_table
 from distill_core.teacher.samples_cache import read_samples_table, samples_columns
-from distill_core.teacher.topk import TOPK_COLUMNS, read_topk_table
+from distill_core.teacher.topk import read_targets, topk_columns
 
 
 @dataclass
 class Batch:
     """input_ids int64 [B, T]; loss_mask bool [B, T-1]: positions whose next token is trained on;
-    targets: the teacher's top-k over the same T-1 positions, or None."""
+    targets: the teacher's top-k (or sampled targets) over the same T-1 positions, or None."""
 
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
-    targets: TopKTargets | None = None
+    targets: TopKTargets | SampledTargets | None = None
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.loss_mask.to(device), self.targets.to(device) if self.targets else None)
@@ -46,8 +46,7 @@ class Batch:
     def shard(self, rank: int, size: int) -> "Batch":
         """This process's equal slice of the rows (``groups`` must divide by ``size``)."""
         rows = _slice(self.input_ids.shape[0], rank, size)
-        t = self.targets
-        targets = TopKTargets(t.ids[rows], t.logprobs[rows], t.tail_logprob[rows]) if t is not None else None
+        targets = self.targets.rows(rows) if self.targets is not None else None
         return Batch(self.input_ids[rows], self.loss_mask[rows], targets)
 
 
@@ -139,8 +138,10 @@ class RowStream:
             yield [next(rows) for _ in range(batch_size)]
 
 
-def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: int) -> RowStream:
-    """Rows of packed train sequences, joined with their top-k targets when ``cache`` is given."""
+def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: int, temperature: float | None = None) -> RowStream:
+    """Rows of packed train sequences, joined with their top-k targets when ``cache`` is given, at
+    ``temperature`` (default: the cache's capture temperature; must be one the cache serves)."""
+    tau = cache.meta["temperature"] if cache is not None and temperature is None else temperature
     entries = read_manifest(storage, data.train)["shards"]
     cache_names = shards_for(cache, storage, data.train) if cache else [None] * len(entries)
     store = cache.open(storage) if cache else None
@@ -150,10 +151,10 @@ def topk_stream(storage: Storage, data: DataRef, cache: CacheRef | None, seed: i
             seq_ids, input_ids = read_data_shard(storage, data.train, data_name)
             out = {"input_ids": input_ids}
             if cache_name is not None:
-                c_seq, ids, lps, tail = read_topk_table(store.read_shard(cache_name, TOPK_COLUMNS), cache.meta["k"])
+                c_seq, targets = read_targets(store.read_shard(cache_name, topk_columns(cache.meta)), cache.meta, tau)
                 if not np.array_equal(c_seq, seq_ids):
                     raise CacheError(f"{cache.folder}/{cache_name} rows do not match {data.train}/{data_name}: recompute the cache.")
-                out.update(topk_ids=ids, topk_logprobs=lps, tail_logprob=tail)
+                out.update(targets)
             return out
 
         return load
@@ -190,8 +191,12 @@ def collate_data(rows: list[dict[str, np.ndarray]]) -> Batch:
     input_ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]))
     mask = torch.ones(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.bool)
     targets = None
+    stack = lambda key: torch.from_numpy(np.stack([r[key] for r in rows]))  # noqa: E731
     if "topk_ids" in rows[0]:
-        targets = TopKTargets(*(torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("topk_ids", "topk_logprobs", "tail_logprob")))
+        targets = TopKTargets(*(stack(k) for k in ("topk_ids", "topk_logprobs", "tail_logprob")))
+    elif "sparse_ids" in rows[0]:
+        targets = SampledTargets(*(stack(k) for k in ("sparse_ids", "sparse_logprobs", "sparse_mass", "tail_logprob")),
+                                 head=int(rows[0]["sparse_head"]))
     return Batch(input_ids, mask, targets)
 
 

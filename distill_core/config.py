@@ -72,9 +72,33 @@ class DataConfig(_Model):
 
 # -- teacher caches --------------------------------------------------------------------------------
 class TopKConfig(_Model):
-    k: int = Field(32, ge=1, le=1024, description="Teacher probabilities kept per position.")
-    temperature: float = Field(1.0, gt=0.0, le=20.0, description="Distillation temperature the teacher's top-k is taken at.")
+    strategy: Literal["topk", "sampled", "hybrid"] = Field(
+        "topk",
+        description="topk: the k most probable ids exactly (biased: the mass outside is one bucket); sampled: `draws` "
+        "draws per position from the teacher at `temperature`, kept as unique ids with counts (an unbiased estimate "
+        "of forward KL and its gradient); hybrid: the top-k exactly plus `draws` draws from the mass outside it.",
+    )
+    k: int = Field(32, ge=1, le=1024, description="Teacher probabilities kept exactly per position (topk, hybrid).")
+    draws: int = Field(32, ge=1, le=255, description="Draws per position (sampled, hybrid); repeats are stored once with a count.")
+    seed: int = Field(0, description="Seed of the draws (sampled, hybrid): the same seed gives the same cache on any device.")
+    temperature: float = Field(1.0, gt=0.0, le=20.0, description="Temperature the top-k is taken and the draws made at.")
+    temperatures: list[float] = Field(
+        default_factory=list,
+        description="Further distillation temperatures the cache serves (e.g. [2, 4]): it stores the teacher's raw "
+        "logits at the kept ids and its log-normaliser at each, so a student trains at any of them and `temperature`.",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per teacher forward pass.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TopKConfig":
+        bad = [t for t in self.temperatures if not 0.0 < t <= 20.0]
+        if bad:
+            raise ValueError(f"topk.temperatures {bad} must each be in (0, 20].")
+        return self
+
+    def served_temperatures(self) -> list[float]:
+        """Every temperature the cache gives targets at, ascending."""
+        return sorted({float(self.temperature), *map(float, self.temperatures)})
 
 
 # How the teacher decodes samples or beams. The results are the same up to float rounding (the same
@@ -166,6 +190,8 @@ class StudentConfig(_Model):
 
 
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+# Divergences whose value and gradient draws from the teacher estimate without bias (losses/sampled.py).
+SAMPLED_DIVERGENCES = ("forward_kl", "skew_kl")
 LossName = Literal[
     "ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "seqkd", "beam_top1", "beam_rank"
 ]
@@ -229,6 +255,11 @@ class TrainConfig(_Model):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a share of lr.")
     grad_clip: float = Field(1.0, gt=0.0)
+    temperature: float | None = Field(
+        None, gt=0.0, le=20.0,
+        description="Distillation temperature of divergences on the top-k cache: topk.temperature or one of "
+        "topk.temperatures (empty: topk.temperature).",
+    )
     loss_chunk_rows: int | None = Field(
         None, ge=1,
         description="Fuse the LM head with the loss: the student runs its body, and the logits, CE and divergences "
@@ -357,7 +388,33 @@ class RunConfig(_Model):
                 f"train.losses {soft_on_samples} use the teacher's soft targets on samples, but samples.soft_topk is 0: "
                 "set samples.soft_topk (e.g. 32) so the sample cache stores them."
             )
+        self._check_topk_targets()
         return self
+
+    def _check_topk_targets(self) -> None:
+        """Divergences on the data must suit the top-k cache's strategy and temperatures."""
+        served = self.topk.served_temperatures()
+        if self.train.temperature is not None and float(self.train.temperature) not in served:
+            raise ValueError(
+                f"train.temperature {self.train.temperature} is not served by the top-k cache, which serves {served}: "
+                f"set train.temperature to one of them, or add {self.train.temperature} to topk.temperatures."
+            )
+        on_data = [t.name for t in self.train.losses if t.source == "data" and t.name in DIVERGENCE_NAMES]
+        strategy = self.topk.strategy
+        if not on_data or strategy == "topk":
+            return
+        if self.train.tail == "renormalize":
+            raise ValueError(
+                f"train.tail 'renormalize' restricts both distributions to a fixed set of ids, but topk.strategy {strategy!r} "
+                "estimates the mass outside them from draws: set train.tail to 'bucket', or topk.strategy to 'topk'."
+            )
+        unbiased = [n for n in on_data if n not in SAMPLED_DIVERGENCES]
+        if strategy == "sampled" and unbiased:
+            raise ValueError(
+                f"train.losses {unbiased} cannot be estimated from teacher draws (they weigh the student's mass where the "
+                f"teacher's is small, an estimate of unbounded variance): with topk.strategy 'sampled' use {list(SAMPLED_DIVERGENCES)}, "
+                "or topk.strategy 'hybrid' (those terms then use its exact top-k plus a tail bucket) or 'topk'."
+            )
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -32,6 +32,13 @@ def check_stage(kind: str, cfg, vocab_size: int) -> None:
     :func:`check_run` and again when a stage is planned, as a stage may run alone after its config changed."""
     field = TOPK_FIELDS.get(kind)
     k = getattr(cfg, field) if field else 0
+    if kind == "topk" and cfg.strategy == "sampled":
+        return  # no top-k is taken: only draws
+    if kind == "topk" and cfg.strategy == "hybrid" and k >= vocab_size:
+        raise ConfigError(
+            f"topk.strategy 'hybrid' draws from the teacher's mass outside its top-k, but topk.k {k} covers the whole "
+            f"{vocab_size}-token vocabulary: set topk.k below {vocab_size}, or topk.strategy to 'topk'."
+        )
     if k > vocab_size:
         raise ConfigError(
             f"{kind}.{field} is {k} but the teacher's vocabulary has only {vocab_size} tokens: set {kind}.{field} to at "

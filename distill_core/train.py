@@ -21,8 +21,8 @@ from distill_core import checkpoints, distributed
 from distill_core.batches import StepBatch
 from distill_core.config import LossTerm, TrainConfig
 from distill_core.errors import CacheError, ConfigError
-from distill_core.losses.divergence import sparse_divergence
 from distill_core.losses.fused import HeadTerm, fused_head_loss, fused_token_ce
+from distill_core.losses.sampled import teacher_divergence
 from distill_core.losses.reduce import masked_mean
 from distill_core.losses.ranking import listwise_loss, pairwise_margin_loss
 from distill_core.losses.registry import DIVERGENCES
@@ -124,7 +124,7 @@ def loss_step(
                     per_prompt = pairwise_margin_loss(scores, b.teacher_scores, b.valid, term.margin)
                 value = per_prompt.mean()
             else:
-                per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperature, beta=term.beta)
+                per_token = teacher_divergence(term.name, out, b.targets, tail=tail, temperature=temperature, beta=term.beta)
                 value = masked_mean(per_token, b.loss_mask)
             parts[_part_name(term)] = value
             total = total + term.weight * value
@@ -341,16 +341,31 @@ def train_student(
         check_vocab(student, teacher)
         del teacher
     streams = {}
+    topk_temperature = _topk_temperature(used.get("topk"), train_cfg)
     if "data" in sources:
-        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed)
+        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed, temperature=topk_temperature)
     if "samples" in sources:
         streams["samples"] = samples_stream(storage, data, used["samples"], seed=train_cfg.seed)
     if "beams" in sources:
         streams["beams"] = beams_stream(storage, data, used["beams"], seed=train_cfg.seed)
-    temperatures = {"data": used["topk"].meta["temperature"] if "topk" in used else 1.0}
+    temperatures = {"data": topk_temperature}
     if "samples" in used:
         temperatures["samples"] = used["samples"].meta["soft_temperature"]
     length_penalty = used["beams"].meta["length_penalty"] if "beams" in used else 1.0
     batches = step_batches(streams, train_cfg.batch_size, pad_id=tokenizer.pad_token_id)
     return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures, length_penalty=length_penalty,
                  tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)
+
+
+def _topk_temperature(cache, train_cfg: TrainConfig) -> float:
+    """The distillation temperature on the top-k cache: train.temperature, else the cache's capture temperature.
+
+    Refuses one the cache does not serve (a cache made before topk.temperatures serves its own only)."""
+    if cache is None:
+        return 1.0
+    served = cache.meta.get("temperatures", [cache.meta["temperature"]])
+    tau = cache.meta["temperature"] if train_cfg.temperature is None else train_cfg.temperature
+    if not any(abs(float(tau) - float(t)) <= 1e-9 for t in served):
+        raise CacheError(f"train.temperature {tau} is not served by the top-k cache {cache.folder}, which serves {served}: "
+                         f"train at one of them, or capture again with {tau} in topk.temperatures.")
+    return float(tau)

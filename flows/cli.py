@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("config")
     stage.add_argument("--run-id", required=True)
     stage.add_argument("--refresh-cache", action="store_true", help=REFRESH_HELP)
+    fidelity = sub.add_parser("fidelity", help="before a long capture: each top-k strategy's fidelity and projected size")
+    fidelity.add_argument("config")
+    fidelity.add_argument("--run-id", required=True)
+    fidelity.add_argument("--sequences", type=int, default=16, help="train sequences sampled (default 16)")
     repair = sub.add_parser("repair-cache", help="recompute the damaged data and teacher-cache shards of a run")
     repair.add_argument("config")
     repair.add_argument("--run-id", required=True)
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             server_ends_with_this_process()
             out = configured(STAGES[args.name], config)(run_id=args.run_id, config=config)
             print(json.dumps(out, indent=2, default=str))
+        elif args.command == "fidelity":
+            from flows.stages import topk_fidelity_flow
+
+            config = load_config(args.config)
+            print(json.dumps(topk_fidelity_flow(args.run_id, config, args.sequences), indent=2, default=str))
         elif args.command == "repair-cache":
             from flows.runners import configured
             from flows.stages import STAGES

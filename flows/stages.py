@@ -17,7 +17,7 @@ from tasks.evaluate import evaluate
 from tasks.record import read_caches, read_stage, record_stage, start_run
 from tasks.registry import register_student
 from tasks.repair import repair_damaged
-from tasks.teacher import cache_shard, commit_cache, plan_cache, preflight, resolve_teacher
+from tasks.teacher import cache_shard, commit_cache, plan_cache, preflight, resolve_teacher, topk_fidelity
 from tasks.train import train_student
 
 
@@ -78,6 +78,17 @@ def cache_topk_flow(run_id: str, config: RunConfig, recompute_damaged: bool = Fa
             checksum, drop the damaged ones and compute them again (what `distillery repair-cache` does).
     """
     return _cache_stage("topk", config, run_id, recompute_damaged)
+
+
+@flow(name="fidelity-topk", flow_run_name=run_name("fidelity-topk"))
+@holds_run_lock
+def topk_fidelity_flow(run_id: str, config: RunConfig, sequences: int = 16) -> dict:
+    """Before a long capture: each top-k strategy's fidelity to the teacher and projected size, on a sample."""
+    teacher = read_stage(config, run_id, "teacher")
+    data = read_stage(config, run_id, "prepare_data")
+    report = topk_fidelity(teacher, data, config.topk, config.storage, sequences)
+    record_stage(config, run_id, "fidelity_topk", report)
+    return report
 
 
 @flow(name="cache-samples", flow_run_name=run_name("cache-samples"), task_runner=ThreadPoolTaskRunner(max_workers=1))

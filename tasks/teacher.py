@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -108,3 +109,26 @@ def commit_cache(kind: str, teacher: dict, data: dict, cfg: StageConfig, storage
         ) from failed[0]
     data_ref = DataRef.from_dict(data)
     return stage.commit(job_for(kind, cfg, teacher, data_ref), data_ref, storage_of(storage)).to_dict()
+
+
+@task(name="topk-fidelity", cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient)
+def topk_fidelity(teacher: dict, data: dict, cfg: TopKConfig, storage: StorageConfig, sequences: int = 16) -> dict:
+    """The top-k fidelity report on the first ``sequences`` train sequences (before a long capture):
+    saved as ``reports/fidelity/<top-k cache fingerprint>.json`` and as the ``topk-fidelity`` artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from distill_core.data import first_train_sequences
+    from distill_core.teacher.fidelity import fidelity_markdown, fidelity_report
+    from distill_core.teacher.topk import topk_cache_ref
+    from tasks.common import artifact_key
+
+    check_stage("topk", cfg, teacher["vocab_size"])
+    root, data_ref = storage_of(storage), DataRef.from_dict(data)
+    input_ids = first_train_sequences(root, data_ref, sequences)
+    model = _shard_teacher(TeacherRef.from_dict(teacher), root)()
+    report = fidelity_report(model, np.arange(len(input_ids)), input_ids, cfg, data_ref.train_rows * (data_ref.seq_len - 1))
+    ref = topk_cache_ref(cfg, teacher, data_ref)
+    root.write_json(f"reports/fidelity/{ref.fingerprint}.json", report)
+    create_markdown_artifact(markdown=fidelity_markdown(report), key=artifact_key("topk-fidelity"),
+                             description=f"top-k strategies on {report['positions']} positions before capture")
+    return report

@@ -4,7 +4,7 @@ Unfused, the student's logits ``[B, T, V]`` exist in the model's forward, again 
 copy, its log-softmax and its gradient: with V = 50k and more these are the largest tensors of a step.
 Here the model runs only its body; the loss takes the final hidden states and the head's weight and, one
 chunk of ``chunk_rows`` rows at a time, computes the logits, every per-token loss on them (the same
-functions as unfused: ``token_cross_entropy``, ``sparse_divergence``) and the gradient of the weighted
+functions as unfused: ``token_cross_entropy``, ``teacher_divergence``) and the gradient of the weighted
 total with respect to that chunk's logits, folds it into the gradients of the hidden states and the
 weight, and drops the chunk.
 
@@ -26,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from distill_core.losses.divergence import Tail, sparse_divergence
+from distill_core.losses.divergence import Tail
 from distill_core.losses.registry import DIVERGENCES
+from distill_core.losses.sampled import teacher_divergence
 from distill_core.losses.sequence import token_cross_entropy
-from distill_core.losses.signals import TopKTargets
+from distill_core.losses.signals import SampledTargets, TopKTargets
+
+Targets = TopKTargets | SampledTargets
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +43,8 @@ class HeadTerm:
     weight:      the term's weight in the total.
     row_weights: [B, T] float, each position's share of the term's value: ``mask / mask.sum()`` for a
                  masked mean. Positions at 0 add nothing and get no gradient, whatever their loss.
-    targets:     the teacher's targets over the same [B, T] positions (divergences only).
+    targets:     the teacher's targets over the same [B, T] positions (divergences only): a top-k, or
+                 sampled / hybrid targets (``losses.sampled``).
     temperature: the distillation temperature τ the targets were taken at (divergences only).
     beta:        mixture weight of jsd / skew_kl / skew_reverse_kl.
     """
@@ -48,7 +52,7 @@ class HeadTerm:
     name: str
     weight: float
     row_weights: torch.Tensor
-    targets: TopKTargets | None = None
+    targets: Targets | None = None
     temperature: float = 1.0
     beta: float = 0.5
 
@@ -151,23 +155,28 @@ def _chunk_values(logits, labels, terms, rows, targets, tail) -> list[torch.Tens
         if term.name == "ce":
             per_token = ce
         else:
-            per_token = sparse_divergence(term.name, logits[None], target, tail=tail, temperature=term.temperature, beta=term.beta)[0]
+            per_token = teacher_divergence(term.name, logits[None], target, tail=tail, temperature=term.temperature, beta=term.beta)[0]
         # where, not multiply: a position outside the mask may hold inf or NaN, and 0·inf is NaN.
         out.append((torch.where(mask, per_token, 0.0) * weights).sum())
     return out
 
 
-def _flat_targets(targets: TopKTargets | None) -> TopKTargets | None:
+def _tensors(targets: Targets) -> dict[str, torch.Tensor]:
+    """The per-position fields of ``targets`` (all but settings such as SampledTargets.head)."""
+    return {f.name: getattr(targets, f.name) for f in dataclasses.fields(targets) if isinstance(getattr(targets, f.name), torch.Tensor)}
+
+
+def _flat_targets(targets: Targets | None) -> Targets | None:
     if targets is None:
         return None
-    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name).flatten(0, 1)[None] for f in dataclasses.fields(targets)})
+    return dataclasses.replace(targets, **{name: t.flatten(0, 1)[None] for name, t in _tensors(targets).items()})
 
 
-def _rows(targets: TopKTargets | None, start: int, end: int) -> TopKTargets | None:
+def _rows(targets: Targets | None, start: int, end: int) -> Targets | None:
     """Positions ``start:end`` of flattened targets, kept as a batch of one ([1, c, ...])."""
     if targets is None:
         return None
-    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name)[:, start:end] for f in dataclasses.fields(targets)})
+    return dataclasses.replace(targets, **{name: t[:, start:end] for name, t in _tensors(targets).items()})
 
 
 def fused_token_ce(

@@ -68,3 +68,29 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
         load_config(path)
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{path}:4:1: YAML syntax error:"), message
+
+
+def _losses(*names, **extra):
+    return {"losses": [{"name": n, **extra} for n in names]}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"topk": {"strategy": "sampled"}, "train": _losses("reverse_kl", "ce")}, r"\['reverse_kl'\] cannot be estimated from teacher draws"),
+    ({"topk": {"strategy": "sampled"}, "train": _losses("jsd", "tvd")}, r"\['jsd', 'tvd'\]"),
+    ({"topk": {"strategy": "hybrid"}, "train": {**_losses("forward_kl"), "tail": "renormalize"}}, "set train.tail to 'bucket'"),
+    ({"topk": {"temperatures": [2.0]}, "train": {"temperature": 4.0}}, r"serves \[1.0, 2.0\]: set train.temperature to one of them"),
+    ({"topk": {"temperatures": [0.0]}}, "must each be in"),
+])
+def test_targets_the_strategy_cannot_give_are_refused_when_parsed(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    {"topk": {"strategy": "sampled"}, "train": _losses("forward_kl", "skew_kl", "ce")},
+    {"topk": {"strategy": "hybrid"}, "train": _losses("forward_kl", "reverse_kl", "jsd", "tvd")},
+    {"topk": {"strategy": "sampled"}, "samples": {"soft_topk": 8}, "train": _losses("reverse_kl", on="samples")},
+    {"topk": {"temperature": 2.0, "temperatures": [1.0, 4.0]}, "train": {"temperature": 4.0}},
+])
+def test_targets_the_strategy_gives_are_accepted(raw):
+    assert isinstance(parse_config(raw), RunConfig)

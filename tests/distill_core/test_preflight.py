@@ -42,6 +42,15 @@ def test_a_topk_wider_than_the_vocabulary_is_refused(local, tiny_teacher_dir):
     check_stage("beams", object(), 384)  # beams take no top-k
 
 
+def test_a_hybrid_top_k_leaves_a_tail_to_draw_from():
+    from distill_core.config import TopKConfig
+
+    with pytest.raises(ConfigError, match="topk.k 384 covers the whole 384-token vocabulary"):
+        check_stage("topk", TopKConfig(strategy="hybrid", k=384), 384)
+    check_stage("topk", TopKConfig(strategy="hybrid", k=383), 384)
+    check_stage("topk", TopKConfig(strategy="sampled", k=1000), 384)  # sampled takes no top-k
+
+
 def test_a_pretrained_student_with_another_tokenizer_is_refused(tmp_path, local, tiny_teacher_dir, tiny_tokenizer, other_tokenizer):
     storage, ref = local
     same = _save_student(tmp_path / "same", tiny_tokenizer)

@@ -6,14 +6,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from distill_core.batches import Batch, StepBatch
-from distill_core.config import DataConfig, LossTerm, PathTeacher, StudentConfig, TrainConfig
+from distill_core.batches import Batch, StepBatch, step_batches, topk_stream
+from distill_core.config import DataConfig, LossTerm, PathTeacher, StudentConfig, TopKConfig, TrainConfig
 from distill_core.data import prepare_data
 from distill_core.errors import TeacherError
 from distill_core.losses.divergence import topk_targets_from_logits
 from distill_core.storage import Storage
 from distill_core.teacher import load as teacher_load
 from distill_core.teacher.load import load_tokenizer, resolve_teacher
+from distill_core.teacher.topk import cache_topk
 from distill_core.train import loss_step, lr_lambda, train, train_student
 
 TERMS = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5)]
@@ -123,3 +124,41 @@ def test_a_pretrained_student_on_s3_trains_without_loading_the_teacher(tmp_path,
     saved = json.loads(s3_storage.read_bytes(f"{result.model_folder}/config.json"))
     assert (saved["n_layer"], saved["vocab_size"]) == (1, 384)
     assert s3_storage.exists(f"{result.model_folder}/tokenizer.json")
+
+
+# -- sampled and hybrid top-k caches ---------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["sampled", "hybrid"])
+def test_training_on_drawn_targets_at_a_served_temperature_lowers_the_loss(tmp_path, tiny_tokenizer, tiny_teacher, strategy):
+    from distill_core.losses.signals import SampledTargets
+
+    storage = Storage(str(tmp_path / "root"))
+    data = prepare_data(DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=24), tiny_tokenizer, "tok", storage)
+    topk = TopKConfig(strategy=strategy, k=3, draws=8, temperatures=[2.0])
+    cache = cache_topk(lambda: tiny_teacher, data, {"source": "t", "fingerprint": "f", "dtype": "float32"}, topk, storage)
+    batches = step_batches({"data": topk_stream(storage, data, cache, seed=0, temperature=2.0)}, batch_size=4, pad_id=0)
+    first = next(batches(0))["data"]
+    assert isinstance(first.targets, SampledTargets) and first.targets.head == (3 if strategy == "hybrid" else 0)
+    assert first.shard(1, 2).targets.ids.shape[0] == 2
+    cfg = TrainConfig(steps=20, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu")
+    terms = [LossTerm(name="forward_kl")]
+    from distill_core.student import build_student
+
+    student = build_student(tiny_teacher, StudentConfig(init="config", num_layers=1), seed=0)
+    result = train(student, batches, cfg, terms, storage, "students/drawn", temperatures={"data": 2.0})
+    losses = [h["forward_kl"] for h in result.history]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3
+
+
+def test_a_temperature_the_cache_does_not_serve_is_refused():
+    from distill_core.cache.ref import CacheRef
+    from distill_core.errors import CacheError
+    from distill_core.train import _topk_temperature
+
+    cache = CacheRef("topk", "caches/topk/x", "x", {"temperature": 1.0, "temperatures": [1.0, 2.0]})
+    assert _topk_temperature(cache, TrainConfig()) == 1.0
+    assert _topk_temperature(cache, TrainConfig(temperature=2.0)) == 2.0
+    with pytest.raises(CacheError, match=r"serves \[1.0, 2.0\]"):
+        _topk_temperature(cache, TrainConfig(temperature=4.0))
+    old = CacheRef("topk", "caches/topk/y", "y", {"temperature": 1.0})  # a cache from before topk.temperatures
+    with pytest.raises(CacheError, match=r"serves \[1.0\]"):
+        _topk_temperature(old, TrainConfig(temperature=2.0))
