@@ -157,3 +157,78 @@ def test_loss_step_refuses_a_head_it_cannot_fuse(tiny_teacher):
     batch = StepBatch(data=Batch(ids, torch.ones(1, 7, dtype=torch.bool)))
     with pytest.raises(ConfigError, match="final_logit_softcapping.*loss_chunk_rows to null"):
         loss_step(student, batch, [LossTerm(name="ce")], tail="bucket", temperatures={}, chunk_rows=4)
+
+
+# -- sampled and hybrid targets (topk.strategy) on the fused path -----------------------------------
+def _drawn_targets(strategy: str, seed=7, temperature=TAU):
+    """Sampled or hybrid targets over the B × T positions, through the codec as training reads them."""
+    import numpy as np
+
+    from distill_core.cache import codec
+    from distill_core.config import TopKConfig
+    from distill_core.losses.signals import SampledTargets
+    from distill_core.teacher.topk import draw_uniforms, read_targets, sparse_from_logits
+
+    cfg = TopKConfig(strategy=strategy, k=K, draws=12, temperature=1.0, temperatures=[temperature], seed=seed)
+    teacher = torch.randn(B, T, V, generator=torch.Generator().manual_seed(seed)) * 3
+    rows = sparse_from_logits(teacher, cfg, draw_uniforms(cfg.seed, np.arange(B), T, cfg.draws))
+    table = codec.encode_table(np.arange(B), rows, cfg.served_temperatures())
+    meta = {"strategy": strategy, "k": rows.head, "temperature": 1.0, "temperatures": cfg.served_temperatures(),
+            "codec": codec.CODEC, "draws": cfg.draws}
+    _, out = read_targets(table, meta, temperature)
+    t = lambda key: torch.from_numpy(out[key])  # noqa: E731
+    return SampledTargets(t("sparse_ids"), t("sparse_logprobs"), t("sparse_mass"), t("tail_logprob"), head=rows.head)
+
+
+DRAWN_CASES = [("sampled", n) for n in ("forward_kl", "skew_kl")] + [("hybrid", n) for n in sorted(DIVERGENCES)]
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 7, 21, 64])
+@pytest.mark.parametrize("strategy, name", DRAWN_CASES)
+def test_fused_equals_unfused_on_drawn_targets(strategy, name, chunk_rows):
+    from distill_core.losses.sampled import teacher_divergence
+
+    hidden, weight, bias, labels, mask, _ = _inputs(seed=8)
+    targets = _drawn_targets(strategy)
+    assert targets.head == (0 if strategy == "sampled" else K) and (targets.mass == 0).any()  # padded ids are in play
+    logits = F.linear(hidden, weight, bias)
+    ce = masked_mean(token_cross_entropy(logits, labels, mask), mask)
+    div = masked_mean(teacher_divergence(name, logits, targets, tail="bucket", temperature=TAU, beta=BETA), mask)
+    expected = 0.3 * ce + 0.7 * div
+    rows = mask.float() / mask.sum()
+    total, values = fused_head_loss(hidden, weight, bias, labels,
+                                    [HeadTerm("ce", 0.3, rows), HeadTerm(name, 0.7, rows, targets, TAU, BETA)],
+                                    tail="bucket", chunk_rows=chunk_rows)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(values, torch.stack([ce, div]).detach())
+    assert div.item() != 0.0
+    for got, want in zip(_grads(total, (hidden, weight, bias)), _grads(expected, (hidden, weight, bias))):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("strategy", ["sampled", "hybrid"])
+def test_loss_step_with_chunk_rows_equals_without_on_drawn_targets(tiny_teacher, strategy):
+    import numpy as np
+
+    from distill_core.cache import codec
+    from distill_core.config import TopKConfig
+    from distill_core.losses.signals import SampledTargets
+    from distill_core.teacher.topk import draw_uniforms, read_targets, sparse_from_logits
+
+    student = copy.deepcopy(tiny_teacher)
+    for p in student.transformer.h[0].parameters():  # a student that differs from its teacher
+        p.data.mul_(0.5)
+    ids = torch.randint(0, student.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    cfg = TopKConfig(strategy=strategy, k=6, draws=10, temperature=1.0, temperatures=[2.0])
+    with torch.no_grad():
+        rows = sparse_from_logits(tiny_teacher(ids).logits[:, :-1], cfg, draw_uniforms(0, np.arange(2), 15, cfg.draws))
+    meta = {"strategy": strategy, "k": rows.head, "temperature": 1.0, "temperatures": cfg.served_temperatures(),
+            "codec": codec.CODEC, "draws": cfg.draws}
+    _, out = read_targets(codec.encode_table(np.arange(2), rows, cfg.served_temperatures()), meta, 2.0)
+    t = lambda key: torch.from_numpy(out[key])  # noqa: E731
+    targets = SampledTargets(t("sparse_ids"), t("sparse_logprobs"), t("sparse_mass"), t("tail_logprob"), head=rows.head)
+    batch = StepBatch(data=Batch(ids, torch.ones(2, 15, dtype=torch.bool), targets))
+    names = ["forward_kl", "skew_kl"] + (["reverse_kl", "jsd"] if strategy == "hybrid" else [])
+    terms = [LossTerm(name="ce", weight=0.5)] + [LossTerm(name=n, weight=0.25, beta=0.3) for n in names]
+    _compare_loss_step(student, batch, terms, 7, tail="bucket", temperatures={"data": 2.0})
