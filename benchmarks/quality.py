@@ -216,13 +216,18 @@ def strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device) ->
     metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device, baseline="ce_only")
     print(f"\nHeld-out: {metrics['teacher']['val_sequences']} validation sequences; soft-KD = 0.5·forward_kl + 0.5·ce, "
           f"{train_cfg.steps} steps × {train_cfg.batch_size} sequences of {data.seq_len}.")
-    print("| top-k cache | settings | bytes / token | val ppl [95% CI] | ppl / CE-only [95% CI] | KL(teacher‖model) |")
-    print("|---|---|---|---|---|---|")
-    for name, m in ((n, metrics[n]) for n in ["ce_only", *names]):
+    print("| top-k cache | settings | bytes / token | val ppl [95% CI] | ppl / CE-only [95% CI] | KL(teacher‖model) | ECE |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in ((n, metrics[n]) for n in ["teacher", "ce_only", *names]):
         settings = TOPK_STRATEGIES.get(name, {})
         size = f"{sizes[name]:.1f}" if name in sizes else "-"
+        kl = f"{m['kl_to_teacher']:.3f}" if "kl_to_teacher" in m else "-"
         print(f"| {name} | {settings or '-'} | {size} | {_ci(m, 'val_ppl', '{:.1f}')} | {_ci(m, 'ppl_ratio_vs_baseline', '{:.3f}')} | "
-              f"{m.get('kl_to_teacher', float('nan')):.3f} |")
+              f"{kl} | {m['ece']:.4f} |")
+    if "topk" in names:
+        for name in (n for n in names if n != "topk"):
+            r = paired(metrics[name], metrics["topk"], resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed).ratio
+            print(f"ppl {name} / topk (paired): {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]")
 
 
 def _ci(m: dict, key: str, fmt: str) -> str:

@@ -1,5 +1,5 @@
 """Held-out metrics: perplexity of teacher and students with bootstrap intervals and paired comparisons,
-student↔teacher agreement and KL, size, speed."""
+student↔teacher agreement and KL, calibration (expected calibration error), size, speed."""
 
 from __future__ import annotations
 
@@ -36,10 +36,48 @@ def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iter
         yield all_ids[start : start + cfg.batch_size], torch.from_numpy(all_rows[start : start + cfg.batch_size])
 
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+
+
+def calibration_bins(logprobs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """Per-bin sums for the top-label expected calibration error of next-token predictions.
+
+    logprobs: [N, V] float, each position's log-probabilities; labels: [N] int64, the true next tokens.
+    A position's confidence is its largest probability, and it is correct when that token (the argmax)
+    is the label; positions go to ``bins`` equal-width bins of confidence over [0, 1] (the top bin
+    closed). Returns float64 [3, bins]: per bin the count, the summed confidence and the number
+    correct. Sums over chunks add up, so a caller accumulates them and calls
+    :func:`expected_calibration_error` once.
+    """
+    assert logprobs.dim() == 2 and labels.shape == logprobs.shape[:1], (
+        f"logprobs must be [N, V] and labels [N], got {tuple(logprobs.shape)} and {tuple(labels.shape)}"
+    )
+    top, pred = logprobs.max(-1)
+    confidence = top.double().exp()
+    which = (confidence * bins).long().clamp_(0, bins - 1)
+    out = torch.zeros(3, bins, dtype=torch.float64, device=logprobs.device)
+    out[0].index_add_(0, which, torch.ones_like(confidence))
+    out[1].index_add_(0, which, confidence)
+    out[2].index_add_(0, which, (pred == labels).double())
+    return out
+
+
+def expected_calibration_error(stats: torch.Tensor) -> float:
+    """ECE = Σ_b (n_b / N) · |accuracy_b − mean confidence_b| from :func:`calibration_bins`' sums [3, bins].
+
+    In [0, 1]; 0 when, in every bin, the share of correct predictions equals their mean confidence."""
+    assert stats.dim() == 2 and stats.shape[0] == 3, f"stats must be [3, bins], got {tuple(stats.shape)}"
+    count, confidence, correct = stats.double()
+    total = count.sum()
+    assert total > 0, "expected_calibration_error needs at least one position"
+    return float((confidence - correct).abs().sum() / total)  # n_b · |acc_b − conf_b| = |Σ correct − Σ confidence|
+
+
 @torch.inference_mode()
 def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.Tensor]], device,
             *, chunk_rows: int | None = None) -> dict[str, dict]:
-    """Perplexity of every model; top-1 agreement with and KL(teacher‖student) for each student.
+    """Perplexity and expected calibration error (``ece``, :func:`expected_calibration_error`) of every
+    model; top-1 agreement with and KL(teacher‖student) for each student.
 
     ``batches`` yield (seq_ids [b], input_ids [b, T]). One teacher forward per batch serves every
     student, so all models are scored on the same sequences. ``chunk_rows`` (``evaluate.chunk_rows``):
@@ -53,6 +91,7 @@ def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.T
     seq_ids, seq_tokens = [], []
     agree = {name: 0.0 for name in students}
     kl = {name: 0.0 for name in students}
+    ece = {name: torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device) for name in names}
     for ids, input_ids in batches:
         input_ids = input_ids.to(device)
         labels = input_ids[:, 1:].reshape(-1)
@@ -65,10 +104,12 @@ def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.T
                 y = labels[start:end, None]
                 t_logp = F.log_softmax(logits["teacher"](start, end).float(), -1)
                 nll["teacher"][start:end] = -t_logp.gather(-1, y)[:, 0].double()
+                ece["teacher"] += calibration_bins(t_logp, y[:, 0])
                 t_top1 = t_logp.argmax(-1)
                 for name in students:
                     s_logp = F.log_softmax(logits[name](start, end).float(), -1)
                     nll[name][start:end] = -s_logp.gather(-1, y)[:, 0].double()
+                    ece[name] += calibration_bins(s_logp, y[:, 0])
                     agree[name] += (s_logp.argmax(-1) == t_top1).sum().item()
                     kl[name] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
         for name in names:
@@ -81,6 +122,7 @@ def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.T
         nll = torch.cat(seq_nll[name]).numpy()
         out[name] = {
             "val_ppl": math.exp(float(nll.sum()) / count),
+            "ece": expected_calibration_error(ece[name]),
             "per_sequence": {"seq_id": seq_ids, "nll": nll.tolist(), "tokens": seq_tokens},
         }
     out["teacher"].update(val_tokens=count, val_sequences=len(seq_ids))

@@ -19,7 +19,7 @@ from distill_core.cache.shards import read_manifest
 from distill_core.run_record import RunRecord
 from distill_core.storage import Storage
 
-METRIC_COLUMNS = ["val_ppl", "top1_agreement", "kl_to_teacher", "params", "cpu_tokens_per_s"]
+METRIC_COLUMNS = ["val_ppl", "top1_agreement", "kl_to_teacher", "ece", "params", "cpu_tokens_per_s"]
 
 
 @dataclass(frozen=True)

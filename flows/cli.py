@@ -18,7 +18,7 @@ from distill_core.storage import Storage
 def format_report(result: dict) -> str:
     """The registered student's location and its metrics beside the teacher's and the baseline's."""
     reg, metrics = result["registered"], result["metrics"]
-    cols = ["val_ppl", "top1_agreement", "kl_to_teacher", "params", "cpu_tokens_per_s"]
+    cols = ["val_ppl", "top1_agreement", "kl_to_teacher", "ece", "params", "cpu_tokens_per_s"]
     lines = [
         f"run {result['run_id']}: registered {reg['name']} v{reg['version']}"
         f"{' (champion)' if reg['champion'] else ''} at {reg['url']}",

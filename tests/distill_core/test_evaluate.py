@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from distill_core.config import DataConfig, EvalConfig
 from distill_core.data import prepare_data
 from distill_core.errors import DataError
-from distill_core.evaluate import add_intervals, compare, evaluate, paired, per_sequence
+from distill_core.evaluate import (
+    add_intervals, calibration_bins, compare, evaluate, expected_calibration_error, paired, per_sequence,
+)
 from distill_core.storage import Storage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,6 +93,7 @@ def test_compare_through_the_lm_head_in_chunks_equals_full_logits(tiny_tokenizer
     for name in ("teacher", "a", "b"):
         np.testing.assert_allclose(chunked[name]["per_sequence"]["nll"], full[name]["per_sequence"]["nll"], rtol=1e-5)
         assert chunked[name]["val_ppl"] == pytest.approx(full[name]["val_ppl"], rel=1e-5)
+        assert chunked[name]["ece"] == pytest.approx(full[name]["ece"], abs=1e-9) and 0 < full[name]["ece"] < 1
     for name in ("a", "b"):
         assert chunked[name]["top1_agreement"] == full[name]["top1_agreement"]
         assert chunked[name]["kl_to_teacher"] == pytest.approx(full[name]["kl_to_teacher"], rel=1e-4)
@@ -123,3 +126,27 @@ def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(
     again = paired(stored["student"], stored["baseline"], resamples=500).ratio
     assert (again.estimate, again.low, again.high) == (s["ppl_ratio_vs_baseline"], s["ppl_ratio_vs_baseline_low"],
                                                        s["ppl_ratio_vs_baseline_high"])
+
+
+def test_expected_calibration_error_on_a_hand_made_case():
+    # Confidences 0.95, 0.95 (bin 14 of 15), 0.65, 0.65 (bin 9) and 1.0 (the top bin, closed).
+    probs = torch.tensor([[0.95, 0.05, 0.0], [0.05, 0.95, 0.0], [0.65, 0.35, 0.0], [0.35, 0.0, 0.65], [0.0, 1.0, 0.0]],
+                         dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1])  # right, right, right, wrong, right
+    stats = calibration_bins(probs.log(), labels)
+    assert stats.shape == (3, 15)
+    assert stats[0, 14].item() == 3 and stats[0, 9].item() == 2 and stats[0].sum().item() == 5
+    assert stats[2, 14].item() == 3 and stats[2, 9].item() == 1
+    # bin 14: |3 − (0.95 + 0.95 + 1)| = 0.1; bin 9: |1 − 1.3| = 0.3; over 5 positions
+    assert expected_calibration_error(stats) == pytest.approx(0.4 / 5)
+    # chunk sums add up to the whole
+    halves = calibration_bins(probs[:2].log(), labels[:2]) + calibration_bins(probs[2:].log(), labels[2:])
+    torch.testing.assert_close(halves, stats)
+
+
+def test_expected_calibration_error_is_zero_when_calibrated():
+    # ten positions at confidence 0.5 of which 5 are right, ten at 0.8 of which 8 are right
+    probs = torch.tensor([[0.5, 0.5]] * 10 + [[0.8, 0.2]] * 5 + [[0.2, 0.8]] * 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1] * 5 + [0, 0, 0, 0, 1] + [1, 1, 1, 1, 0])
+    assert expected_calibration_error(calibration_bins(probs.float().log(), labels)) == pytest.approx(0.0, abs=1e-6)
+    assert expected_calibration_error(calibration_bins(probs.float().log(), 1 - labels)) == pytest.approx(0.6 * 10 / 20, abs=1e-6)
