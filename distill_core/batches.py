@@ -198,7 +198,9 @@ def collate_data(rows: list[dict[str, np.ndarray]]) -> Batch:
 def collate_samples(rows: list[dict[str, np.ndarray]], pad_id: int) -> Batch:
     """prompt + completion, right-padded; the loss is masked to positions that predict a completion token.
 
-    Soft targets (when stored) fill those positions; other positions get a harmless uniform target."""
+    Soft targets (when stored) fill those positions; other positions (prompt, padding) get a uniform target
+    over the k ids and the tail bucket, every category finite: a −inf tail there would make reverse KL's
+    masked-out terms infinite and their (masked) gradients NaN."""
     seqs = [np.concatenate([r["prompt_ids"], r["completion_ids"]]) for r in rows]
     length = max(map(len, seqs))
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -207,8 +209,8 @@ def collate_samples(rows: list[dict[str, np.ndarray]], pad_id: int) -> Batch:
     if soft:
         k = rows[0]["topk_ids"].shape[1]
         ids = torch.arange(k).repeat(len(rows), length - 1, 1)
-        lps = torch.full((len(rows), length - 1, k), -float(np.log(k)))
-        tail = torch.full((len(rows), length - 1), -float("inf"))
+        lps = torch.full((len(rows), length - 1, k), -float(np.log(k + 1)))
+        tail = torch.full((len(rows), length - 1), -float(np.log(k + 1)))
     for i, (r, seq) in enumerate(zip(rows, seqs)):
         p, c = len(r["prompt_ids"]), len(r["completion_ids"])
         input_ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
