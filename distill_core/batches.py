@@ -233,13 +233,22 @@ def collate_beams(rows: list[dict], pad_id: int) -> BeamBatch:
     return BeamBatch(base.input_ids, base.loss_mask, scores, torch.ones_like(scores, dtype=torch.bool), is_top1)
 
 
+def collate(source: str, rows: list[dict], pad_id: int) -> Batch | BeamBatch:
+    """One micro-batch of a source's rows: data, samples, beams, or student_samples (graded student
+    samples, collated like teacher samples)."""
+    if source == "data":
+        return collate_data(rows)
+    if source == "beams":
+        return collate_beams(rows, pad_id)
+    return collate_samples(rows, pad_id)
+
+
 def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int) -> Callable[[int], Iterator[StepBatch]]:
     """``skip -> iterator of StepBatch``: one micro-batch from each source's stream per step."""
-    collate = {"data": collate_data, "samples": lambda r: collate_samples(r, pad_id), "beams": lambda r: collate_beams(r, pad_id)}
 
     def batches(skip: int) -> Iterator[StepBatch]:
         its = {src: stream.batches(batch_size, skip) for src, stream in streams.items()}
         while True:
-            yield StepBatch({src: collate[src](next(it)) for src, it in its.items()})
+            yield StepBatch({src: collate(src, next(it), pad_id) for src, it in its.items()})
 
     return batches

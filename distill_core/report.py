@@ -144,10 +144,12 @@ def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | No
 
 def loss_table(history: list[dict], max_rows: int = 500) -> list[dict]:
     """At most ``max_rows`` evenly spaced records of a training history (first and last included),
-    values rounded to 6 significant digits: the rows of the loss table shown in the UI."""
+    values rounded to 6 significant digits: the rows of the loss table shown in the UI. Every row has every
+    column; a term a step did not train (a round's on-policy or other steps) is None there."""
     n = len(history)
     picked = history if n <= max_rows else [history[i * (n - 1) // (max_rows - 1)] for i in range(max_rows)]
-    return [{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in record.items()} for record in picked]
+    columns = list(dict.fromkeys(k for record in picked for k in record))
+    return [{k: float(f"{v:.6g}") if isinstance(v, float) else v for k in columns for v in [record.get(k)]} for record in picked]
 
 
 def _model_order(metrics: dict) -> list[str]:
