@@ -352,7 +352,8 @@ class EvalConfig(_Model):
     )
     speed_tokens: int = Field(512, ge=16, description="Tokens used to time CPU throughput of teacher and student.")
     generation: Literal["auto", "on", "off"] = Field(
-        "auto", description="Teacher-scored NLL and distinct-n of samples on held-out prompts (auto: when a student trains on samples)."
+        "auto", description="Teacher-scored NLL and distinct-n of samples on held-out prompts (auto: when a student trains on teacher "
+        "or its own samples)."
     )
     selection: Literal["auto", "on", "off"] = Field(
         "auto", description="Beam selection agreement, Kendall tau and beam token F1 (auto: when a student trains on beams)."
@@ -367,7 +368,9 @@ class EvalConfig(_Model):
 
     def wants(self, metric: Literal["generation", "selection"], train: "TrainConfig") -> bool:
         setting = getattr(self, metric)
-        return setting == "on" or (setting == "auto" and train.needs("samples" if metric == "generation" else "beams"))
+        if metric == "generation":  # the metric on-policy training targets
+            return setting == "on" or (setting == "auto" and (train.needs("samples") or train.on_policy))
+        return setting == "on" or (setting == "auto" and train.needs("beams"))
 
 
 class RegistryConfig(_Model):
