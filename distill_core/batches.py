@@ -3,6 +3,8 @@
 The order of rows is a pure function of (seed, epoch): shards are visited in a seeded permutation
 and rows within a shard in another, so a resumed run that skips the first ``n`` batches sees
 exactly the batches an uninterrupted run would. Only one shard is held in memory at a time.
+This module holds streams and collation only; each cache kind's Parquet reader sits beside its
+writer (teacher/topk.py, teacher/samples_cache.py, teacher/beams_cache.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from distill_core.data import DataRef, read_data_shard
 from distill_core.errors import CacheError
 from distill_core.losses.signals import TopKTargets
 from distill_core.storage import Storage
+from distill_core.teacher.beams_cache import BEAMS_COLUMNS, read_beams_table
+from distill_core.teacher.samples_cache import read_samples_table, samples_columns
 from distill_core.teacher.topk import TOPK_COLUMNS, read_topk_table
 
 
@@ -237,52 +241,3 @@ def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int) ->
             yield StepBatch({src: collate[src](next(it)) for src, it in its.items()})
 
     return batches
-
-
-def samples_columns(soft_k: int) -> tuple[str, ...]:
-    """The columns read_samples_table reads."""
-    return ("prompt_ids", "completion_ids") + (("topk_ids", "topk_logprobs", "tail_logprob") if soft_k else ())
-
-
-BEAMS_COLUMNS = ("prompt_ids", "completion_ids", "score")  # the columns read_beams_table reads
-
-
-def read_samples_table(table, soft_k: int) -> dict[str, np.ndarray]:
-    """A samples shard as per-row object arrays: prompt_ids, completion_ids [, topk_ids [n,k], topk_logprobs, tail_logprob]."""
-    out = {
-        "prompt_ids": _ragged(table["prompt_ids"]),
-        "completion_ids": _ragged(table["completion_ids"]),
-    }
-    if soft_k:
-        ids, lps, tail = _ragged(table["topk_ids"]), _ragged(table["topk_logprobs"]), _ragged(table["tail_logprob"])
-        out["topk_ids"] = _obj([a.astype(np.int64).reshape(-1, soft_k) for a in ids])
-        out["topk_logprobs"] = _obj([a.astype(np.float32).reshape(-1, soft_k) for a in lps])
-        out["tail_logprob"] = _obj([a.astype(np.float32) for a in tail])
-    return out
-
-
-def read_beams_table(table, num_beams: int) -> dict[str, np.ndarray]:
-    """A beams shard (one row per candidate, best first within a prompt) grouped per prompt."""
-    prompts, completions = _ragged(table["prompt_ids"]), _ragged(table["completion_ids"])
-    scores = table["score"].to_numpy()
-    n = table.num_rows // num_beams
-    return {
-        "prompt_ids": _obj([prompts[i * num_beams] for i in range(n)]),
-        "candidates": _obj([list(completions[i * num_beams : (i + 1) * num_beams]) for i in range(n)]),
-        "scores": scores.reshape(n, num_beams),
-    }
-
-
-def _ragged(col) -> np.ndarray:
-    """A variable-length list column as an object array of numpy arrays."""
-    arr = col.combine_chunks()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    offsets = arr.offsets.to_numpy()
-    return _obj([values[offsets[i] : offsets[i + 1]] for i in range(len(arr))])
-
-
-def _obj(items: list) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):  # element-wise, so equal-length lists are not broadcast into 2-D
-        out[i] = item
-    return out

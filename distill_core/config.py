@@ -269,6 +269,10 @@ class TrainConfig(_Model):
 class EvalConfig(_Model):
     max_sequences: int = Field(64, ge=1, description="Validation sequences scored.")
     batch_size: int = Field(8, ge=1)
+    chunk_rows: int | None = Field(
+        2048, ge=1, description="Positions scored at a time through each model's LM head, so no full [batch·T, vocab] logits "
+        "exist (null: the models' full logits)."
+    )
     speed_tokens: int = Field(512, ge=16, description="Tokens used to time CPU throughput of teacher and student.")
     generation: Literal["auto", "on", "off"] = Field(
         "auto", description="Teacher-scored NLL and distinct-n of samples on held-out prompts (auto: when a student trains on samples)."

@@ -19,6 +19,7 @@ from distill_core.intervals import (
 )
 from distill_core.storage import Storage
 from distill_core.student import count_parameters
+from distill_core.train import body_and_head
 
 
 def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -36,12 +37,16 @@ def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iter
 
 
 @torch.inference_mode()
-def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.Tensor]], device) -> dict[str, dict]:
+def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.Tensor]], device,
+            *, chunk_rows: int | None = None) -> dict[str, dict]:
     """Perplexity of every model; top-1 agreement with and KL(teacher‖student) for each student.
 
     ``batches`` yield (seq_ids [b], input_ids [b, T]). One teacher forward per batch serves every
-    student, so all models are scored on the same sequences. Returns {"teacher": {...}, name: {...}};
-    each entry's "per_sequence" holds the summed NLL of every sequence (see :func:`per_sequence`).
+    student, so all models are scored on the same sequences. ``chunk_rows`` (``evaluate.chunk_rows``):
+    every model runs only its body and the metrics come from its LM head ``chunk_rows`` positions at a
+    time, so no [b·T, V] logits exist (None: the models' own full logits; the values are the same).
+    Returns {"teacher": {...}, name: {...}}; each entry's "per_sequence" holds the summed NLL of every
+    sequence (see :func:`per_sequence`).
     """
     names = ["teacher", *students]
     seq_nll = {name: [] for name in names}
@@ -50,21 +55,30 @@ def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.T
     kl = {name: 0.0 for name in students}
     for ids, input_ids in batches:
         input_ids = input_ids.to(device)
-        labels = input_ids[:, 1:]
-        t_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), -1)
-        seq_nll["teacher"].append(-t_logp.gather(-1, labels[..., None])[..., 0].sum(-1).cpu())
-        t_top1 = t_logp.argmax(-1)
-        for name, student in students.items():
-            s_logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)
-            seq_nll[name].append(-s_logp.gather(-1, labels[..., None])[..., 0].sum(-1).cpu())
-            agree[name] += (s_logp.argmax(-1) == t_top1).sum().item()
-            kl[name] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+        labels = input_ids[:, 1:].reshape(-1)
+        with torch.no_grad():
+            logits = {name: _row_logits(model, input_ids, chunk_rows) for name, model in [("teacher", teacher), *students.items()]}
+            nll = {name: torch.zeros(labels.numel(), dtype=torch.float64, device=device) for name in names}
+            rows = labels.numel() if chunk_rows is None else chunk_rows
+            for start in range(0, labels.numel(), rows):
+                end = min(start + rows, labels.numel())
+                y = labels[start:end, None]
+                t_logp = F.log_softmax(logits["teacher"](start, end).float(), -1)
+                nll["teacher"][start:end] = -t_logp.gather(-1, y)[:, 0].double()
+                t_top1 = t_logp.argmax(-1)
+                for name in students:
+                    s_logp = F.log_softmax(logits[name](start, end).float(), -1)
+                    nll[name][start:end] = -s_logp.gather(-1, y)[:, 0].double()
+                    agree[name] += (s_logp.argmax(-1) == t_top1).sum().item()
+                    kl[name] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+        for name in names:
+            seq_nll[name].append(nll[name].view(len(input_ids), -1).sum(-1).cpu())
         seq_ids += np.asarray(ids).tolist()
-        seq_tokens += [labels.shape[1]] * len(labels)  # every packed position has a next token
+        seq_tokens += [input_ids.shape[1] - 1] * len(input_ids)  # every packed position has a next token
     count = sum(seq_tokens)
     out = {}
     for name in names:
-        nll = torch.cat(seq_nll[name]).double().numpy()
+        nll = torch.cat(seq_nll[name]).numpy()
         out[name] = {
             "val_ppl": math.exp(float(nll.sum()) / count),
             "per_sequence": {"seq_id": seq_ids, "nll": nll.tolist(), "tokens": seq_tokens},
@@ -73,6 +87,19 @@ def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.T
     for name in students:
         out[name].update(top1_agreement=agree[name] / count, kl_to_teacher=kl[name] / count)
     return out
+
+
+def _row_logits(model, input_ids: torch.Tensor, chunk_rows: int | None):
+    """``rows(start, end)`` -> the model's next-token logits [end - start, V] at flattened positions
+    start..end of input_ids[:, :-1]: from its full logits when ``chunk_rows`` is None, else from its
+    final hidden states through its LM head, one slice at a time."""
+    if chunk_rows is None:
+        full = model(input_ids=input_ids).logits[:, :-1]
+        full = full.reshape(-1, full.shape[-1])
+        return lambda start, end: full[start:end]
+    hidden, weight, bias = body_and_head(model, input_ids, setting="evaluate.chunk_rows")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return lambda start, end: F.linear(hidden[start:end], weight, bias)
 
 
 def per_sequence(scored: dict) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -164,7 +191,7 @@ def evaluate(teacher, students: dict, storage: Storage, data: DataRef, cfg: Eval
     """Every metric of the report, keyed by model name ("teacher" and each student), with intervals
     (see :func:`add_intervals`; ``baseline`` names the CE-only student the others are compared with)."""
     metrics = compare(teacher.to(device).eval(), {n: m.to(device).eval() for n, m in students.items()},
-                      validation_batches(storage, data, cfg), device)
+                      validation_batches(storage, data, cfg), device, chunk_rows=cfg.chunk_rows)
     metrics = add_intervals(metrics, baseline=baseline, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
     for name, model in [("teacher", teacher), *students.items()]:
         metrics[name]["params"] = count_parameters(model)

@@ -145,18 +145,19 @@ def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
     return mask.float() / mask.sum().clamp(min=1)
 
 
-def body_and_head(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def body_and_head(model, input_ids: torch.Tensor, *, setting: str = "train.loss_chunk_rows") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The student's final hidden states [B, T-1, D] (the LM head's input at every position that has a
     next token), and the head's weight [V, D] and bias [V] or None.
 
     The model is called whole (through a DDP or torch.compile wrapper, whose forward must run) with no
-    position's logits kept, so only its body does work; its last hidden state is the head's input."""
+    position's logits kept, so only its body does work; its last hidden state is the head's input. ``setting``
+    names the config field that asked for this, for the error a head the fused path cannot compute raises."""
     inner = getattr(model, "module", model)  # DDP keeps the model as .module (torch.compile forwards attributes)
     for name in ("final_logit_softcapping", "logit_scale"):
         if getattr(inner.config, name, None) not in (None, 1.0):
             raise ConfigError(
-                f"train.loss_chunk_rows computes the LM head from the student's hidden states, but this student's head "
-                f"also applies {name} = {getattr(inner.config, name)}, which the fused loss does not: set train.loss_chunk_rows to null."
+                f"{setting} computes the LM head from the model's hidden states, but this model's head "
+                f"also applies {name} = {getattr(inner.config, name)}, which the chunked path does not: set {setting} to null."
             )
     out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=input_ids.new_zeros(0))
     head = inner.get_output_embeddings()

@@ -16,6 +16,7 @@ import io
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -39,8 +40,6 @@ class ShardEntry:
 
 def list_array(rows, value_type: pa.DataType) -> pa.ListArray:
     """A 2-D numpy array [n, m] as an Arrow list column of ``value_type`` (one list of m values per row)."""
-    import numpy as np
-
     n, m = rows.shape
     offsets = pa.array(np.arange(0, n * m + 1, m, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), value_type))
@@ -299,4 +298,20 @@ def _differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
             out += _differences(e, f, f"{prefix}{key}.")
         elif e != f:
             out.append(f"{prefix}{key} is {f!r} there, {e!r} here")
+    return out
+
+
+def ragged(col) -> np.ndarray:
+    """A variable-length list column as an object array of numpy arrays."""
+    arr = col.combine_chunks()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    return object_array([values[offsets[i] : offsets[i + 1]] for i in range(len(arr))])
+
+
+def object_array(items: list) -> np.ndarray:
+    """A 1-D object array holding ``items`` as they are (arrays stay whole, never broadcast)."""
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):  # element-wise, so equal-length lists are not broadcast into 2-D
+        out[i] = item
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from distill_core.cache.shards import object_array, ragged
 from distill_core.cache.stage import ShardJob
 from distill_core.config import BeamsConfig
 from distill_core.data import DataRef
@@ -38,3 +39,18 @@ def beams_job(cfg: BeamsConfig, teacher: dict, data: DataRef) -> ShardJob:
         })
 
     return ShardJob(ref=p.ref, rows=cfg.num_prompts, compute=compute)
+
+
+BEAMS_COLUMNS = ("prompt_ids", "completion_ids", "score")  # the columns read_beams_table reads
+
+
+def read_beams_table(table, num_beams: int) -> dict[str, np.ndarray]:
+    """A beams shard (one row per candidate, best first within a prompt) grouped per prompt."""
+    prompts, completions = ragged(table["prompt_ids"]), ragged(table["completion_ids"])
+    scores = table["score"].to_numpy()
+    n = table.num_rows // num_beams
+    return {
+        "prompt_ids": object_array([prompts[i * num_beams] for i in range(n)]),
+        "candidates": object_array([list(completions[i * num_beams : (i + 1) * num_beams]) for i in range(n)]),
+        "scores": scores.reshape(n, num_beams),
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from distill_core.cache.shards import object_array, ragged
 from distill_core.cache.stage import ShardJob, shard_seed
 from distill_core.config import SamplesConfig
 from distill_core.data import DataRef
@@ -47,3 +48,22 @@ def samples_job(cfg: SamplesConfig, teacher: dict, data: DataRef) -> ShardJob:
         return pa.table(columns)
 
     return ShardJob(ref=p.ref, rows=cfg.num_prompts, compute=compute)
+
+
+def samples_columns(soft_k: int) -> tuple[str, ...]:
+    """The columns read_samples_table reads."""
+    return ("prompt_ids", "completion_ids") + (("topk_ids", "topk_logprobs", "tail_logprob") if soft_k else ())
+
+
+def read_samples_table(table, soft_k: int) -> dict[str, np.ndarray]:
+    """A samples shard as per-row object arrays: prompt_ids, completion_ids [, topk_ids [n,k], topk_logprobs, tail_logprob]."""
+    out = {
+        "prompt_ids": ragged(table["prompt_ids"]),
+        "completion_ids": ragged(table["completion_ids"]),
+    }
+    if soft_k:
+        ids, lps, tail = ragged(table["topk_ids"]), ragged(table["topk_logprobs"]), ragged(table["tail_logprob"])
+        out["topk_ids"] = object_array([a.astype(np.int64).reshape(-1, soft_k) for a in ids])
+        out["topk_logprobs"] = object_array([a.astype(np.float32).reshape(-1, soft_k) for a in lps])
+        out["tail_logprob"] = object_array([a.astype(np.float32) for a in tail])
+    return out

@@ -80,6 +80,23 @@ def test_compare_keeps_the_nll_of_every_sequence(tiny_tokenizer, tiny_teacher):
     assert same.ratio.estimate == same.ratio.low == same.ratio.high == 1.0 and not same.significant
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 22, 1000])  # 22 rows a batch of two: chunks that do and do not divide it
+def test_compare_through_the_lm_head_in_chunks_equals_full_logits(tiny_tokenizer, tiny_teacher, chunk_rows):
+    vocab = len(tiny_tokenizer)
+    students = {"a": _perturbed(tiny_teacher, 0.05, seed=1), "b": _perturbed(tiny_teacher, 0.2, seed=2)}
+    ids = torch.randint(0, vocab, (5, 12), generator=torch.Generator().manual_seed(3))
+    batches = [(np.array([0, 1]), ids[:2]), (np.array([2, 3, 4]), ids[2:])]
+    full = compare(tiny_teacher, students, iter(batches), "cpu")
+    chunked = compare(tiny_teacher, students, iter(batches), "cpu", chunk_rows=chunk_rows)
+    for name in ("teacher", "a", "b"):
+        np.testing.assert_allclose(chunked[name]["per_sequence"]["nll"], full[name]["per_sequence"]["nll"], rtol=1e-5)
+        assert chunked[name]["val_ppl"] == pytest.approx(full[name]["val_ppl"], rel=1e-5)
+    for name in ("a", "b"):
+        assert chunked[name]["top1_agreement"] == full[name]["top1_agreement"]
+        assert chunked[name]["kl_to_teacher"] == pytest.approx(full[name]["kl_to_teacher"], rel=1e-4)
+    assert full["b"]["kl_to_teacher"] > full["a"]["kl_to_teacher"] > 0
+
+
 def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(tmp_path, tiny_tokenizer, tiny_teacher):
     storage = Storage(str(tmp_path))
     data = prepare_data(DataConfig(seq_len=16, rows_per_shard=8, max_train_sequences=8, max_validation_sequences=12),

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill_core.batches import collate_beams, collate_samples, read_beams_table, read_samples_table
+from distill_core.batches import collate_beams, collate_samples
+from distill_core.teacher.beams_cache import read_beams_table
+from distill_core.teacher.samples_cache import read_samples_table
 from distill_core.cache.ref import shards_for
 from distill_core.cache.stage import run_all
 from distill_core.config import BeamsConfig, DataConfig, SamplesConfig
