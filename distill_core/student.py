@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from distill_core.config import StudentConfig
 from distill_core.errors import TeacherError
 from distill_core.pruning.slicing import PrunePlan, prune
 from distill_core.storage import Storage, local_copy
-from distill_core.teacher.load import check_tokenizer, tokenizer_hash
+from distill_core.teacher.load import check_tokenizer, tokenizer_hash, vocabulary_hash
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,70 @@ def check_pretrained_tokenizer(folder: str | Path, path_or_id: str, vocab_size: 
     if student_hash != teacher_tokenizer_hash:
         raise TeacherError(
             f"student {path_or_id} has the teacher's vocabulary size but another tokenizer "
-            f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer."
+            f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer, "
+            f"or set student.tokenizer: {path_or_id} to distil across tokenizers."
         )
+
+
+# -- the student's own tokenizer -------------------------------------------------------------------
+TokenizerCase = Literal["same", "same_size_other_tokens", "other_vocabulary"]
+
+
+def tokenizer_case(teacher_tokenizer, student_tokenizer) -> TokenizerCase:
+    """How the student's tokenizer relates to the teacher's.
+
+    same: they map text to the same ids (equal ``tokenizer_hash``): distillation per token id, as
+    without ``student.tokenizer``. same_size_other_tokens: as many ids, but text maps to other ids
+    (another vocabulary of the same size, or the same token -> id map with another normalisation or
+    pre-tokenisation): comparing logits per id would be silently wrong. other_vocabulary: vocabularies
+    of different sizes."""
+    if tokenizer_hash(teacher_tokenizer) == tokenizer_hash(student_tokenizer):
+        return "same"
+    return "same_size_other_tokens" if len(teacher_tokenizer) == len(student_tokenizer) else "other_vocabulary"
+
+
+def describe_case(case: TokenizerCase, teacher_tokenizer, student_tokenizer) -> str:
+    """One phrase naming ``case`` with the sizes and whether the token -> id maps agree."""
+    t, s = len(teacher_tokenizer), len(student_tokenizer)
+    if case == "same":
+        return f"the teacher's tokenizer ({t} tokens)"
+    if case == "other_vocabulary":
+        return f"another vocabulary ({s} tokens; the teacher's has {t})"
+    same_map = vocabulary_hash(teacher_tokenizer) == vocabulary_hash(student_tokenizer)
+    what = "the same token -> id map but another normalisation or pre-tokenisation" if same_map else "other tokens behind the same ids"
+    return f"the teacher's vocabulary size ({t}) with {what}"
+
+
+def load_student_tokenizer(name: str, storage: Storage | None = None):
+    """The tokenizer ``student.tokenizer`` names (a local folder, an fsspec URL or a hub id), with a
+    pad token (its EOS token when it has none; padded positions are masked out of every loss)."""
+    from transformers import AutoTokenizer
+
+    folder: str | Path = name
+    try:
+        if "://" in name:
+            folder = local_copy(name, storage, weights=False)
+        elif Path(name).expanduser().exists():
+            folder = Path(name).expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, FileNotFoundError) as e:
+        raise TeacherError(
+            f"cannot load student.tokenizer {name!r} ({e}): give a folder saved with tokenizer.save_pretrained, "
+            "or a hub id while the hub is reachable."
+        ) from None
+    if not tokenizer.is_fast:
+        raise TeacherError(
+            f"student.tokenizer {name!r} is a slow (Python) tokenizer, which gives no offsets to align by: "
+            "save its fast version (tokenizer.json) and point student.tokenizer at that."
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TeacherError(
+                f"student.tokenizer {name!r} has neither a pad nor an EOS token: save it with an EOS token "
+                "(tokenizer.add_special_tokens({'eos_token': ...})), which also separates documents."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def build_student(
