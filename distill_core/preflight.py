@@ -114,6 +114,10 @@ def check_cross_tokenizer(cfg: RunConfig, teacher, storage: Storage) -> str:
     if case == "same":
         return case
     what = describe_case(case, teacher_tok, student_tok)
+    from distill_core.tokens import check_roundtrip, token_bytes
+
+    check_roundtrip(teacher_tok, token_bytes(teacher_tok), f"teacher {teacher.path}")
+    check_roundtrip(student_tok, token_bytes(student_tok), f"student.tokenizer {student.tokenizer}")
     unsupported = sorted({t.name for t in cfg.train.losses if t.name in CROSS_TOKENIZER_UNSUPPORTED}
                          | {f"{t.name}@samples" for t in cfg.train.losses if t.on == "samples"})
     if unsupported:
