@@ -38,9 +38,11 @@ from distill_core.tokens import shared_tokens, token_bytes
 
 @dataclass(frozen=True)
 class Retokenized:
-    """One teacher row in the student's tokens: ids int64 [Ns], and the alignment to the teacher row."""
+    """One teacher row in the student's tokens: ids int64 [Ns], their byte spans int64 [Ns, 2] in the
+    teacher row's bytes, and the alignment to the teacher row."""
 
     ids: np.ndarray
+    spans: np.ndarray
     alignment: Alignment
 
 
@@ -104,8 +106,58 @@ class Retokenizer:
                 s_ids, s_spans = s_ids[: self.max_len], s_spans[: self.max_len]
             ids = np.asarray(ids, dtype=np.int64)
             t_ends = np.cumsum(self.t_len[ids])
-            out.append(Retokenized(s_ids, align(np.stack([t_ends - self.t_len[ids], t_ends], 1), s_spans)))
+            out.append(Retokenized(s_ids, s_spans, align(np.stack([t_ends - self.t_len[ids], t_ends], 1), s_spans)))
         return out
+
+
+    def collate_data(self, rows: list[dict[str, np.ndarray]], pad_id: int):
+        """A data Batch in the student's tokens from teacher rows (input_ids [Nt], optional top-k
+        over its positions): CE on every student token, soft targets where :func:`student_targets` gives them."""
+        import torch
+
+        from distill_core.batches import Batch
+        from distill_core.losses.signals import TopKTargets
+
+        student = self.rows([r["input_ids"] for r in rows])
+        length = max(max(len(r.ids) for r in student), 2)
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+        for i, r in enumerate(student):
+            input_ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
+            mask[i, : max(len(r.ids) - 1, 0)] = True
+        if "topk_ids" not in rows[0]:
+            return Batch(input_ids, mask)
+        k = rows[0]["topk_ids"].shape[-1]
+        shape = (len(rows), length - 1)
+        arrays = {"topk_ids": np.zeros((*shape, k), np.int64), "topk_logprobs": np.full((*shape, k), -np.inf, np.float32),
+                  "valid": np.zeros((*shape, k), bool), "tail_logprob": np.zeros(shape, np.float32),
+                  "uld_logprobs": np.full((*shape, k), -np.inf, np.float32), "uld_tail": np.zeros(shape, np.float32),
+                  "soft": np.zeros(shape, bool), "uld": np.zeros(shape, bool)}
+        arrays["valid"][..., 0] = True  # padding: all teacher mass in the tail, slot 0 valid at zero probability
+        for i, (r, row) in enumerate(zip(student, rows)):
+            got = student_targets(r, row["input_ids"], row["topk_ids"], row["topk_logprobs"], row["tail_logprob"], self.teacher_to_student)
+            for name, value in got.items():
+                arrays[name][i, : len(value)] = value
+        t = {name: torch.from_numpy(value) for name, value in arrays.items()}
+        return Batch(input_ids, mask, TopKTargets(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"], t["valid"]), t["soft"] & mask,
+                     TopKTargets(t["topk_ids"], t["uld_logprobs"], t["uld_tail"]), t["uld"] & mask)
+
+    def collate_samples(self, rows: list[dict[str, np.ndarray]], pad_id: int):
+        """Teacher samples (prompt_ids, completion_ids in teacher tokens) as student rows: the loss on
+        the student tokens that end inside the completion's text (sequence-level KD on text)."""
+        import torch
+
+        from distill_core.batches import Batch
+
+        student = self.rows([np.concatenate([r["prompt_ids"], r["completion_ids"]]) for r in rows])
+        length = max(max(len(r.ids) for r in student), 2)
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+        for i, (r, row) in enumerate(zip(student, rows)):
+            prompt_bytes = int(self.t_len[np.asarray(row["prompt_ids"], dtype=np.int64)].sum())
+            input_ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
+            mask[i, : max(len(r.ids) - 1, 0)] = torch.from_numpy(r.spans[1:, 1] > prompt_bytes)
+        return Batch(input_ids, mask)
 
 
 def _whole_characters(lo: int, hi: int, text: bytes, *, first: bool, last: bool) -> tuple[int, int, str]:

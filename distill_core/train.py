@@ -27,6 +27,7 @@ from distill_core.losses.reduce import masked_mean
 from distill_core.losses.ranking import listwise_loss, pairwise_margin_loss
 from distill_core.losses.registry import DIVERGENCES
 from distill_core.losses.sequence import length_normalised, token_cross_entropy
+from distill_core.losses.uld import uld_distance
 from distill_core.storage import Storage
 
 Progress = Callable[[int, int, dict], None]
@@ -91,14 +92,14 @@ def loss_step(
         labels = b.input_ids[:, 1:]
         temperature = temperatures.get(source, 1.0)
         for term in own:
-            if term.name in DIVERGENCES and b.targets is None:
+            if term.name in _SOFT_NAMES and b.targets is None:
                 raise CacheError(f"loss {term.name!r} needs the teacher's top-k on {term.source}, but that cache has none.")
         ranked = any(t.name == "beam_rank" for t in own)
         if chunk_rows is not None and not ranked:
             hidden, weight, bias = body_and_head(student, b.input_ids)
             head_terms = [
                 HeadTerm("ce" if t.name in _CE_NAMES else t.name, t.weight, _mean_weights(_term_mask(t, b)),
-                         b.targets if t.name in DIVERGENCES else None, temperature, t.beta)
+                         _term_targets(t, b), temperature, t.beta)
                 for t in own
             ]
             source_total, values = fused_head_loss(hidden, weight, bias, labels, head_terms, tail=tail, chunk_rows=chunk_rows)
@@ -123,9 +124,11 @@ def loss_step(
                 else:
                     per_prompt = pairwise_margin_loss(scores, b.teacher_scores, b.valid, term.margin)
                 value = per_prompt.mean()
+            elif term.name == "uld":
+                value = masked_mean(uld_distance(out, _term_targets(term, b), temperature=temperature), _term_mask(term, b))
             else:
                 per_token = sparse_divergence(term.name, out, b.targets, tail=tail, temperature=temperature, beta=term.beta)
-                value = masked_mean(per_token, b.loss_mask)
+                value = masked_mean(per_token, _term_mask(term, b))
             parts[_part_name(term)] = value
             total = total + term.weight * value
     return total, parts
@@ -133,11 +136,26 @@ def loss_step(
 
 # Terms that are cross-entropy on their source's tokens, each under its own mask (``_term_mask``).
 _CE_NAMES = ("ce", "seqkd", "beam_top1")
+_SOFT_NAMES = (*DIVERGENCES, "uld")  # terms on the teacher's soft targets
 
 
 def _term_mask(term: LossTerm, b) -> torch.Tensor:
-    """[B, T-1] bool: the positions a term trains on (beam_top1: the teacher's best candidate only)."""
-    return b.loss_mask & b.is_top1[:, None] if term.name == "beam_top1" else b.loss_mask
+    """[B, T-1] bool: the positions a term trains on (beam_top1: the teacher's best candidate only; across
+    tokenizers, the soft terms: the positions that have their targets)."""
+    if term.name == "beam_top1":
+        return b.loss_mask & b.is_top1[:, None]
+    if term.name == "uld" and getattr(b, "uld_mask", None) is not None:
+        return b.uld_mask
+    if term.name in DIVERGENCES and getattr(b, "soft_mask", None) is not None:
+        return b.soft_mask
+    return b.loss_mask
+
+
+def _term_targets(term: LossTerm, b):
+    """The soft targets a term compares with (None for the others): ULD's own across tokenizers."""
+    if term.name == "uld":
+        return b.uld_targets if getattr(b, "uld_targets", None) is not None else b.targets
+    return b.targets if term.name in DIVERGENCES else None
 
 
 def _mean_weights(mask: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,14 @@ from distill_core.losses.divergence import Tail, sparse_divergence
 from distill_core.losses.registry import DIVERGENCES
 from distill_core.losses.sequence import token_cross_entropy
 from distill_core.losses.signals import TopKTargets
+from distill_core.losses.uld import uld_distance
 
 
 @dataclass(frozen=True, eq=False)
 class HeadTerm:
     """One per-token loss on the head's rows, and how it enters the total.
 
-    name:        "ce" (cross-entropy of the labels) or a divergence name (``registry.DIVERGENCES``).
+    name:        "ce" (cross-entropy of the labels), "uld" (``losses.uld``) or a divergence name (``registry.DIVERGENCES``).
     weight:      the term's weight in the total.
     row_weights: [B, T] float, each position's share of the term's value: ``mask / mask.sum()`` for a
                  masked mean. Positions at 0 add nothing and get no gradient, whatever their loss.
@@ -84,7 +85,9 @@ def fused_head_loss(
     assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
     assert terms, "fused_head_loss needs at least one term"
     for term in terms:
-        assert term.name == "ce" or term.name in DIVERGENCES, f"unknown loss {term.name!r}; choose 'ce' or one of {sorted(DIVERGENCES)}"
+        assert term.name in ("ce", "uld") or term.name in DIVERGENCES, (
+            f"unknown loss {term.name!r}; choose 'ce', 'uld' or one of {sorted(DIVERGENCES)}"
+        )
         assert term.row_weights.shape == labels.shape, f"row_weights {tuple(term.row_weights.shape)} must be [B, T] = {tuple(labels.shape)}"
         assert term.name == "ce" or term.targets is not None, f"divergence {term.name!r} needs targets"
     return _FusedHeadLoss.apply(hidden, weight, bias, labels, tuple(terms), tail, chunk_rows)
@@ -150,6 +153,8 @@ def _chunk_values(logits, labels, terms, rows, targets, tail) -> list[torch.Tens
     for term, weights, mask, target in zip(terms, rows, used, targets):
         if term.name == "ce":
             per_token = ce
+        elif term.name == "uld":
+            per_token = uld_distance(logits[None], target, temperature=term.temperature)[0]
         else:
             per_token = sparse_divergence(term.name, logits[None], target, tail=tail, temperature=term.temperature, beta=term.beta)[0]
         # where, not multiply: a position outside the mask may hold inf or NaN, and 0·inf is NaN.
@@ -160,14 +165,16 @@ def _chunk_values(logits, labels, terms, rows, targets, tail) -> list[torch.Tens
 def _flat_targets(targets: TopKTargets | None) -> TopKTargets | None:
     if targets is None:
         return None
-    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name).flatten(0, 1)[None] for f in dataclasses.fields(targets)})
+    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name).flatten(0, 1)[None] for f in dataclasses.fields(targets)
+                                           if getattr(targets, f.name) is not None})
 
 
 def _rows(targets: TopKTargets | None, start: int, end: int) -> TopKTargets | None:
     """Positions ``start:end`` of flattened targets, kept as a batch of one ([1, c, ...])."""
     if targets is None:
         return None
-    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name)[:, start:end] for f in dataclasses.fields(targets)})
+    return dataclasses.replace(targets, **{f.name: getattr(targets, f.name)[:, start:end] for f in dataclasses.fields(targets)
+                                           if getattr(targets, f.name) is not None})
 
 
 def fused_token_ce(

@@ -55,7 +55,7 @@ def _hand(teacher_pieces, student_pieces, student_ids):
         ends = np.cumsum([len(p) for p in pieces])
         return np.stack([ends - [len(p) for p in pieces], ends], 1)
 
-    return Retokenized(np.array(student_ids), align(spans(teacher_pieces), spans(student_pieces)))
+    return Retokenized(np.array(student_ids), spans(student_pieces), align(spans(teacher_pieces), spans(student_pieces)))
 
 
 def test_one_to_many_takes_the_chained_probability():
@@ -90,3 +90,28 @@ def test_many_to_one_student_tokens_share_the_probability():
         got = dict(zip(out["topk_ids"][j][valid].tolist(), np.exp(out["topk_logprobs"][j][valid]).tolist()))
         assert got == pytest.approx({actual: shared}, rel=1e-5)
         assert np.exp(out["tail_logprob"][j]) == pytest.approx(1 - shared, rel=1e-5)
+
+
+def test_identical_tokenizers_reduce_exactly_to_todays_loss(tiny_tokenizer, tiny_teacher):
+    import torch
+
+    from distill_core.batches import StepBatch, collate_data
+    from distill_core.config import LossTerm
+    from distill_core.losses.divergence import topk_targets_from_logits
+    from distill_core.train import loss_step
+
+    ids = _row(tiny_tokenizer)
+    rows = [ids[:20], ids[20:40]]
+    with torch.no_grad():
+        t = topk_targets_from_logits(tiny_teacher(input_ids=torch.tensor(np.stack(rows), dtype=torch.long)).logits[:, :-1], 8, 1.0)
+    data = [{"input_ids": r, "topk_ids": t.ids[i].numpy(), "topk_logprobs": t.logprobs[i].numpy(), "tail_logprob": t.tail_logprob[i].numpy()}
+            for i, r in enumerate(rows)]
+    today = collate_data(data)
+    across = Retokenizer(tiny_tokenizer, tiny_tokenizer).collate_data(data, pad_id=0)
+    assert torch.equal(across.input_ids, today.input_ids.long()) and across.soft_mask.all()
+    terms = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5), LossTerm(name="uld", weight=0.25)]
+    for chunk in (None, 7):
+        a_total, a_parts = loss_step(tiny_teacher, StepBatch(data=across), terms, tail="bucket", temperatures={}, chunk_rows=chunk)
+        b_total, b_parts = loss_step(tiny_teacher, StepBatch(data=today), terms, tail="bucket", temperatures={}, chunk_rows=chunk)
+        assert torch.equal(a_total, b_total)
+        assert all(torch.equal(a_parts[n], b_parts[n]) for n in b_parts)
