@@ -336,9 +336,23 @@ def train_student(
     for cache in used.values():
         check_compatible(cache, data, teacher_ref.fingerprint)
     inputs = {"teacher": teacher_ref.fingerprint, "data": data.fingerprint, "caches": {k: c.fingerprint for k, c in used.items()}}
+    own_tokenizer = None
+    if student_cfg.tokenizer is not None:
+        from distill_core.student import load_student_tokenizer, tokenizer_case
+
+        own_tokenizer = load_student_tokenizer(student_cfg.tokenizer, storage)
+        if tokenizer_case(load_tokenizer(teacher_ref, storage), own_tokenizer) == "same":
+            own_tokenizer = None  # the teacher's tokenizer under another name: distil per token id, as without it
+        else:
+            from distill_core.teacher.load import tokenizer_hash
+
+            inputs["student_tokenizer"] = tokenizer_hash(own_tokenizer)  # what the name points at, not the name
     out = student_folder(name, student_cfg, train_cfg, terms, inputs)
     if (done := finished(storage, out, train_cfg)) is not None:
         return done
+    if own_tokenizer is not None:
+        return _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, sources, own_tokenizer,
+                                    out, progress, fail_at_step)
     if student_cfg.init == "pretrained":
         # The teacher's weights play no part here: its ref has the vocabulary and tokenizer to check.
         student = student_from_pretrained(student_cfg.pretrained, teacher_ref.vocab_size, teacher_ref.tokenizer_hash, storage=storage)
@@ -372,3 +386,42 @@ def train_student(
     batches = step_batches(streams, train_cfg.batch_size, pad_id=tokenizer.pad_token_id)
     return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures, length_penalty=length_penalty,
                  tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)
+
+
+def _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, sources, student_tokenizer, out,
+                         progress, fail_at_step) -> TrainResult:
+    """:func:`train_student` for a student with its own tokenizer (``student.tokenizer``): built with its
+    vocabulary, trained on the teacher rows' text in its tokens (:mod:`distill_core.retokenize`), saved
+    with its tokenizer."""
+    from distill_core.batches import samples_stream, step_batches, topk_stream
+    from distill_core.retokenize import Retokenizer
+    from distill_core.student import build_student
+    from distill_core.teacher.load import load_teacher
+
+    teacher, teacher_tokenizer = load_teacher(teacher_ref, storage)
+    init = plan = None
+    if student_cfg.init == "pruned":
+        from distill_core.data import first_train_sequences
+        from distill_core.pruning.plan import plan_of, plan_student
+
+        record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
+                              lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
+        plan = plan_of(record)
+        init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
+    student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan, storage=storage,
+                            tokenizers=(teacher_tokenizer, student_tokenizer))
+    del teacher
+    context = getattr(student.config, "n_positions", None) or getattr(student.config, "max_position_embeddings", None)
+    retok = Retokenizer(teacher_tokenizer, student_tokenizer, max_len=context)
+    pad = student_tokenizer.pad_token_id
+    streams, collate = {}, {}
+    if "data" in sources:
+        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed)
+        collate["data"] = lambda rows: retok.collate_data(rows, pad)
+    if "samples" in sources:
+        streams["samples"] = samples_stream(storage, data, used["samples"], seed=train_cfg.seed)
+        collate["samples"] = lambda rows: retok.collate_samples(rows, pad)
+    temperatures = {"data": used["topk"].meta["temperature"] if "topk" in used else 1.0}
+    batches = step_batches(streams, train_cfg.batch_size, pad_id=pad, collate=collate)
+    return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures,
+                 tokenizer=student_tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)
