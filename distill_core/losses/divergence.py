@@ -160,9 +160,17 @@ def sparse_divergence(
     if chunk_rows is None:
         return rows(*parts)
 
+    return in_row_chunks(rows, parts, chunk_rows)
+
+
+def in_row_chunks(rows, parts: tuple[torch.Tensor, ...], chunk_rows: int) -> torch.Tensor:
+    """``rows(*parts)`` [B, T] computed ``chunk_rows`` of the B·T positions at a time, each chunk
+    recomputed in backward (activation checkpointing) when the first part (the student's logits
+    [B, T, V]) needs a gradient; every part is [B, T, ...] and ``rows`` maps [n, ...] parts to [n]."""
     assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
+    batch, seq = parts[0].shape[:2]
     flat = [p.reshape(batch * seq, *p.shape[2:]) for p in parts]
-    recompute = torch.is_grad_enabled() and student_logits.requires_grad
+    recompute = torch.is_grad_enabled() and parts[0].requires_grad
     out = []
     for start in range(0, batch * seq, chunk_rows):
         chunk = [p[start : start + chunk_rows] for p in flat]

@@ -16,10 +16,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from distill_core.config import SAMPLED_DIVERGENCES
-from distill_core.losses.divergence import sparse_divergence
+from distill_core.losses.divergence import in_row_chunks, sparse_divergence
 from distill_core.losses.registry import log_mixture
 from distill_core.losses.signals import SampledTargets, TopKTargets
 
@@ -65,14 +64,7 @@ def sampled_divergence(
     parts = (student_logits, targets.ids, targets.logprobs, targets.mass)
     if chunk_rows is None:
         return rows(*parts)
-    batch, seq = student_logits.shape[:2]
-    flat = [p.reshape(batch * seq, p.shape[-1]) for p in parts]
-    recompute = torch.is_grad_enabled() and student_logits.requires_grad
-    out = []
-    for start in range(0, batch * seq, chunk_rows):
-        chunk = [p[start : start + chunk_rows] for p in flat]
-        out.append(checkpoint(rows, *chunk, use_reentrant=False) if recompute else rows(*chunk))
-    return torch.cat(out).view(batch, seq)
+    return in_row_chunks(rows, parts, chunk_rows)
 
 
 def teacher_divergence(
