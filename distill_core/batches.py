@@ -29,14 +29,26 @@ from distill_core.teacher.topk import read_targets, topk_columns
 @dataclass
 class Batch:
     """input_ids int64 [B, T]; loss_mask bool [B, T-1]: positions whose next token is trained on;
-    targets: the teacher's top-k (or sampled targets) over the same T-1 positions, or None."""
+    targets: the teacher's top-k (or sampled targets) over the same T-1 positions, or None.
+
+    Across tokenizers (:mod:`distill_core.retokenize`) the soft targets cover only some positions:
+    soft_mask bool [B, T-1] marks those of ``targets`` (exact match), uld_targets and uld_mask those of
+    the ULD term; None means ``targets`` and ``loss_mask`` serve every term."""
 
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
     targets: TopKTargets | SampledTargets | None = None
+    soft_mask: torch.Tensor | None = None
+    uld_targets: TopKTargets | None = None
+    uld_mask: torch.Tensor | None = None
+
+    def _map(self, tensor, targets) -> "Batch":
+        opt = lambda x, f: f(x) if x is not None else None  # noqa: E731
+        return Batch(tensor(self.input_ids), tensor(self.loss_mask), opt(self.targets, targets), opt(self.soft_mask, tensor),
+                     opt(self.uld_targets, targets), opt(self.uld_mask, tensor))
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.loss_mask.to(device), self.targets.to(device) if self.targets else None)
+        return self._map(lambda t: t.to(device), lambda t: t.to(device))
 
     @property
     def groups(self) -> int:
@@ -46,8 +58,7 @@ class Batch:
     def shard(self, rank: int, size: int) -> "Batch":
         """This process's equal slice of the rows (``groups`` must divide by ``size``)."""
         rows = _slice(self.input_ids.shape[0], rank, size)
-        targets = self.targets.rows(rows) if self.targets is not None else None
-        return Batch(self.input_ids[rows], self.loss_mask[rows], targets)
+        return self._map(lambda t: t[rows], lambda t: t.rows(rows))
 
 
 @dataclass
@@ -236,9 +247,12 @@ def collate_beams(rows: list[dict], pad_id: int) -> BeamBatch:
     return BeamBatch(base.input_ids, base.loss_mask, scores, torch.ones_like(scores, dtype=torch.bool), is_top1)
 
 
-def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int) -> Callable[[int], Iterator[StepBatch]]:
-    """``skip -> iterator of StepBatch``: one micro-batch from each source's stream per step."""
-    collate = {"data": collate_data, "samples": lambda r: collate_samples(r, pad_id), "beams": lambda r: collate_beams(r, pad_id)}
+def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int,
+                 collate: dict[str, Callable] | None = None) -> Callable[[int], Iterator[StepBatch]]:
+    """``skip -> iterator of StepBatch``: one micro-batch from each source's stream per step.
+    ``collate`` replaces a source's collation (a student with its own tokenizer: ``retokenize``)."""
+    collate = {"data": collate_data, "samples": lambda r: collate_samples(r, pad_id), "beams": lambda r: collate_beams(r, pad_id),
+               **(collate or {})}
 
     def batches(skip: int) -> Iterator[StepBatch]:
         its = {src: stream.batches(batch_size, skip) for src, stream in streams.items()}

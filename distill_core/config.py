@@ -156,6 +156,12 @@ class StudentConfig(_Model):
     every_k: int = Field(5, ge=1, description="Keep every k-th teacher layer when layers is not given.")
     num_layers: int = Field(6, ge=1, description="Layers of a student built from config, or kept by a pruned student.")
     pretrained: str | None = Field(None, description="Hub id, local path or fsspec URL of the pretrained student.")
+    tokenizer: str | None = Field(
+        None, min_length=1,
+        description="The student's own tokenizer (hub id, local path or fsspec URL; for init 'pretrained' usually the "
+        "pretrained student's own folder): distil across tokenizers. The student trains on the same text in its own "
+        "tokens; soft targets are aligned by byte spans (see README, 'Across tokenizers'). Empty: the teacher's tokenizer.",
+    )
     intermediate_size: int | None = Field(None, ge=1, description="pruned: MLP neurons kept per layer (default: all).")
     num_attention_heads: int | None = Field(
         None, ge=1, description="pruned: attention heads kept per layer; whole KV groups go with their query heads, so "
@@ -193,14 +199,16 @@ DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_
 # Divergences whose value and gradient draws from the teacher estimate without bias (losses/sampled.py).
 SAMPLED_DIVERGENCES = ("forward_kl", "skew_kl")
 LossName = Literal[
-    "ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "seqkd", "beam_top1", "beam_rank"
+    "ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "uld", "seqkd", "beam_top1", "beam_rank"
 ]
+SOFT_NAMES = (*DIVERGENCE_NAMES, "uld")  # terms on the teacher's top-k soft targets
 
 
 class LossTerm(_Model):
     name: LossName = Field(
         description="ce: cross-entropy on data tokens; forward_kl..tvd: divergences to the teacher's top-k "
-        "(on the data, or on teacher samples with on=samples); seqkd: cross-entropy on teacher samples' "
+        "(on the data, or on teacher samples with on=samples); uld: Universal Logit Distillation, the L1 distance between the "
+        "sorted teacher and student probabilities (no shared vocabulary needed: for a student with its own tokenizer); seqkd: cross-entropy on teacher samples' "
         "completions; beam_top1: cross-entropy on the teacher's best beam; beam_rank: rank the teacher's beams."
     )
     weight: float = Field(1.0, gt=0.0, description="Weight of this term in the sum.")
@@ -212,8 +220,8 @@ class LossTerm(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> "LossTerm":
-        if self.on == "samples" and self.name not in DIVERGENCE_NAMES:
-            raise ValueError(f"on=samples applies to divergences {DIVERGENCE_NAMES}; {self.name!r} has a fixed source.")
+        if self.on == "samples" and self.name not in SOFT_NAMES:
+            raise ValueError(f"on=samples applies to soft-target terms {SOFT_NAMES}; {self.name!r} has a fixed source.")
         return self
 
     @property

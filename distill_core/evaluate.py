@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from distill_core.config import EvalConfig
 from distill_core.data import DataRef, read_sequences
-from distill_core.errors import DataError
+from distill_core.errors import ConfigError, DataError
 from distill_core.intervals import (
     LEVEL, RESAMPLES, Interval, PairedComparison, gap_closed, paired_comparison, perplexity_interval,
 )
@@ -241,6 +241,90 @@ def evaluate(teacher, students: dict, storage: Storage, data: DataRef, cfg: Eval
     return metrics
 
 
+@torch.inference_mode()
+def compare_per_byte(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.Tensor]], device, retokenizers: dict) -> dict[str, dict]:
+    """Every model's NLL of the same validation text per byte, for students with their own tokenizers.
+
+    ``retokenizers`` maps a student name to its :class:`distill_core.retokenize.Retokenizer` (students
+    not in it share the teacher's tokens). Each model predicts its own tokens of each sequence; the
+    "tokens" of every per-sequence entry are the bytes of the text the teacher predicts (its tokens 1..T-1),
+    the same for every model, so ``val_ppl`` (exp of the NLL per byte) and its paired intervals compare
+    across tokenizers; ``val_bpb`` is its log2. A student's first token spans other bytes than the
+    teacher's, so the models predict nearly, not exactly, the same bytes. Top-1 agreement and KL
+    need a shared vocabulary: None for the others.
+    """
+    names = ["teacher", *students]
+    seq_nll = {name: [] for name in names}
+    seq_ids, seq_bytes = [], []
+    for ids, input_ids in batches:
+        input_ids = input_ids.to(device).long()
+        lengths = torch.from_numpy(next(iter(retokenizers.values())).t_len).to(device)
+        seq_bytes += lengths[input_ids[:, 1:]].sum(-1).tolist()
+        for name, model in [("teacher", teacher), *students.items()]:
+            if name in retokenizers:
+                rows = retokenizers[name].rows(list(input_ids.cpu().numpy()))
+                width = max(max(len(r.ids) for r in rows), 2)
+                x = torch.full((len(rows), width), 0, dtype=torch.long)
+                mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+                for i, r in enumerate(rows):
+                    x[i, : len(r.ids)] = torch.from_numpy(r.ids)
+                    mask[i, : len(r.ids) - 1] = True
+                x, mask = x.to(device), mask.to(device)
+            else:
+                x, mask = input_ids, torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+            logp = F.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
+            nll = -logp.gather(-1, x[:, 1:, None])[..., 0].double()
+            seq_nll[name].append(torch.where(mask, nll, 0.0).sum(-1).cpu())
+        seq_ids += np.asarray(ids).tolist()
+    out = {}
+    for name in names:
+        nll = torch.cat(seq_nll[name]).numpy()
+        out[name] = {"val_ppl": math.exp(float(nll.sum()) / sum(seq_bytes)), "unit": "byte",
+                     "per_sequence": {"seq_id": seq_ids, "nll": nll.tolist(), "tokens": seq_bytes}}
+        if name != "teacher":
+            out[name].update(top1_agreement=None, kl_to_teacher=None)
+    out["teacher"].update(val_tokens=sum(seq_bytes), val_sequences=len(seq_ids))
+    return out
+
+
+def with_bits_per_byte(metrics: dict[str, dict]) -> dict[str, dict]:
+    """``val_bpb`` (with ``_low`` / ``_high``) from per-byte ``val_ppl``: log2 of it."""
+    for m in metrics.values():
+        for suffix in ("", "_low", "_high"):
+            if m.get(f"val_ppl{suffix}") is not None:
+                m[f"val_bpb{suffix}"] = math.log2(m[f"val_ppl{suffix}"])
+    return metrics
+
+
+def own_tokenizer(storage: Storage, folder: str, teacher_tokenizer):
+    """The tokenizer saved with the student in ``folder`` when it is not the teacher's, else None."""
+    from transformers import AutoTokenizer
+
+    from distill_core.teacher.load import tokenizer_hash
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(storage.local_dir(folder))
+    except (OSError, ValueError):
+        return None
+    return None if tokenizer_hash(tokenizer) == tokenizer_hash(teacher_tokenizer) else tokenizer
+
+
+def evaluate_across_tokenizers(teacher, teacher_tokenizer, models: dict, own: dict, storage: Storage, data: DataRef, cfg: EvalConfig,
+                               device, *, baseline: str | None = "baseline") -> dict[str, dict]:
+    """:func:`evaluate` when some students (``own``: name -> tokenizer) have their own tokenizers: every
+    model scored per byte (:func:`compare_per_byte`), with the same paired intervals and ``val_bpb``."""
+    from distill_core.retokenize import Retokenizer
+
+    retok = {name: Retokenizer(teacher_tokenizer, tok) for name, tok in own.items()}
+    metrics = compare_per_byte(teacher.to(device).eval(), {n: m.to(device).eval() for n, m in models.items()},
+                               validation_batches(storage, data, cfg), device, retok)
+    metrics = with_bits_per_byte(add_intervals(metrics, baseline=baseline, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed))
+    for name, model in [("teacher", teacher), *models.items()]:
+        metrics[name]["params"] = count_parameters(model)
+        metrics[name]["cpu_tokens_per_s"] = cpu_tokens_per_second(model, min(data.seq_len, 128), cfg.speed_tokens, int(model.config.vocab_size))
+    return metrics
+
+
 def load_model(storage: Storage, folder: str):
     """A causal LM saved in Hugging Face format under ``folder`` of the storage root."""
     from transformers import AutoModelForCausalLM
@@ -273,6 +357,14 @@ def evaluate_students(
 
     teacher, tokenizer = load_teacher(teacher_ref, storage)
     models = {name: load_model(storage, folder) for name, folder in students.items()}
+    own = {name: tok for name, folder in students.items() if (tok := own_tokenizer(storage, folder, tokenizer)) is not None}
+    if own:
+        if generation or selection:
+            raise ConfigError(
+                f"students {sorted(own)} have their own tokenizers, and the generation and selection metrics compare token "
+                "ids with the teacher's: set eval.generation and eval.selection to 'off'."
+            )
+        return evaluate_across_tokenizers(teacher, tokenizer, models, own, storage, data, cfg, device, baseline=baseline)
     metrics = evaluate(teacher, models, storage, data, cfg, device, baseline=baseline)
     if generation or selection:
         prompts = held_out_prompts(storage, data, cfg.prompts, min(cfg.prompt_len, data.seq_len - 1))

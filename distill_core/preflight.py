@@ -66,7 +66,9 @@ def check_run(cfg: RunConfig, teacher) -> None:
             raise ConfigError(
                 f"student.layers {bad} are out of range: the teacher has {teacher.num_layers} layers (0..{teacher.num_layers - 1})."
             )
-    if student.init == "pretrained":
+    if student.tokenizer is not None:
+        check_cross_tokenizer(cfg, teacher, storage)
+    elif student.init == "pretrained":
         check_pretrained_student(student.pretrained, teacher, storage)
     if student.init == "pruned":
         from transformers import AutoConfig
@@ -101,3 +103,43 @@ def check_pretrained_student(pretrained: str, teacher, storage: Storage) -> None
             f"({teacher.vocab_size}): distillation needs a shared tokenizer; pick a student of the teacher's family."
         )
     check_pretrained_tokenizer(folder, pretrained, vocab, teacher.tokenizer_hash)
+
+
+# Loss terms whose teacher targets are per teacher-token id, with no text-level translation yet.
+CROSS_TOKENIZER_UNSUPPORTED = ("beam_rank", "beam_top1")
+
+
+def check_cross_tokenizer(cfg: RunConfig, teacher, storage: Storage) -> str:
+    """``student.tokenizer`` is set: name the case (see ``student.tokenizer_case``) and refuse what cannot
+    work across tokenizers. Returns the case."""
+    from distill_core.student import describe_case, load_student_tokenizer, tokenizer_case
+    from distill_core.teacher.load import load_tokenizer
+
+    student = cfg.student
+    teacher_tok, student_tok = load_tokenizer(teacher, storage), load_student_tokenizer(student.tokenizer, storage)
+    case = tokenizer_case(teacher_tok, student_tok)
+    if case == "same":
+        return case
+    what = describe_case(case, teacher_tok, student_tok)
+    from distill_core.tokens import check_roundtrip, token_bytes
+
+    check_roundtrip(teacher_tok, token_bytes(teacher_tok), f"teacher {teacher.path}")
+    check_roundtrip(student_tok, token_bytes(student_tok), f"student.tokenizer {student.tokenizer}")
+    unsupported = sorted({t.name for t in cfg.train.losses if t.name in CROSS_TOKENIZER_UNSUPPORTED}
+                         | {f"{t.name}@samples" for t in cfg.train.losses if t.on == "samples"})
+    if unsupported:
+        raise ConfigError(
+            f"student.tokenizer {student.tokenizer} has {what}, and train.losses {unsupported} have no cross-tokenizer "
+            "form yet: drop them (ce, seqkd, the divergences and uld on the data work across tokenizers)."
+        )
+    if student.init == "pretrained":
+        from transformers import AutoConfig
+
+        folder = local_copy(student.pretrained, storage, weights=False) if "://" in student.pretrained else student.pretrained
+        vocab = AutoConfig.from_pretrained(folder).vocab_size
+        if vocab < len(student_tok):
+            raise TeacherError(
+                f"student.tokenizer {student.tokenizer} has {len(student_tok)} tokens but the pretrained student "
+                f"{student.pretrained} only {vocab} logits: name the tokenizer saved with that student."
+            )
+    return case

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from distill_core.config import StudentConfig
 from distill_core.errors import TeacherError
 from distill_core.pruning.slicing import PrunePlan, prune
 from distill_core.storage import Storage, local_copy
-from distill_core.teacher.load import check_tokenizer, tokenizer_hash
+from distill_core.teacher.load import check_tokenizer, tokenizer_hash, vocabulary_hash
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Mod
     return student
 
 
-def student_from_config(teacher: nn.Module, num_layers: int) -> nn.Module:
-    """Fresh weights in the teacher's architecture with ``num_layers`` layers (seed before calling)."""
+def student_from_config(teacher: nn.Module, num_layers: int, vocab_size: int | None = None) -> nn.Module:
+    """Fresh weights in the teacher's architecture with ``num_layers`` layers (seed before calling),
+    over ``vocab_size`` tokens (default: the teacher's)."""
     n = int(teacher.config.num_hidden_layers)
     if num_layers < 1:
         raise TeacherError(f"student.num_layers must be at least 1, got {num_layers}.")
@@ -140,16 +142,20 @@ def student_from_config(teacher: nn.Module, num_layers: int) -> nn.Module:
         )
     # The first num_layers entries of per-layer lists keep repeating patterns (e.g. 5 sliding, 1 full).
     config = config_with_layers(teacher.config, list(range(num_layers)), n)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     student = type(teacher)(config).to(teacher.dtype)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student
 
 
-def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_tokenizer_hash: str | None = None, *, storage: Storage | None = None) -> nn.Module:
+def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_tokenizer_hash: str | None = None, *,
+                            storage: Storage | None = None, own_vocabulary: bool = False) -> nn.Module:
     """A smaller pretrained causal LM from a local folder, an fsspec URL or a hub id.
 
     Its logits must have ``teacher_vocab_size`` columns; with ``teacher_tokenizer_hash`` its
-    tokenizer (saved beside it) must also hash the same, i.e. map text to the same ids.
+    tokenizer (saved beside it) must also hash the same, i.e. map text to the same ids. With
+    ``own_vocabulary`` (a student with its own tokenizer) neither is checked here.
     """
     from transformers import AutoModelForCausalLM
 
@@ -171,6 +177,8 @@ def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_to
             "or a hub id while the hub is reachable."
         ) from e
     rows = vocab_rows(model)
+    if own_vocabulary:
+        return model
     if rows != teacher_vocab_size:
         raise TeacherError(
             f"student {path_or_id} has a vocabulary of {rows} tokens but the teacher has {teacher_vocab_size}: "
@@ -198,18 +206,150 @@ def check_pretrained_tokenizer(folder: str | Path, path_or_id: str, vocab_size: 
     if student_hash != teacher_tokenizer_hash:
         raise TeacherError(
             f"student {path_or_id} has the teacher's vocabulary size but another tokenizer "
-            f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer."
+            f"(hash {student_hash} vs {teacher_tokenizer_hash}): choose a student that shares the teacher's tokenizer, "
+            f"or set student.tokenizer: {path_or_id} to distil across tokenizers."
         )
+
+
+# -- the student's own tokenizer -------------------------------------------------------------------
+TokenizerCase = Literal["same", "same_size_other_tokens", "other_vocabulary"]
+
+
+def tokenizer_case(teacher_tokenizer, student_tokenizer) -> TokenizerCase:
+    """How the student's tokenizer relates to the teacher's.
+
+    same: they map text to the same ids (equal ``tokenizer_hash``): distillation per token id, as
+    without ``student.tokenizer``. same_size_other_tokens: as many ids, but text maps to other ids
+    (another vocabulary of the same size, or the same token -> id map with another normalisation or
+    pre-tokenisation): comparing logits per id would be silently wrong. other_vocabulary: vocabularies
+    of different sizes."""
+    if tokenizer_hash(teacher_tokenizer) == tokenizer_hash(student_tokenizer):
+        return "same"
+    return "same_size_other_tokens" if len(teacher_tokenizer) == len(student_tokenizer) else "other_vocabulary"
+
+
+def describe_case(case: TokenizerCase, teacher_tokenizer, student_tokenizer) -> str:
+    """One phrase naming ``case`` with the sizes and whether the token -> id maps agree."""
+    t, s = len(teacher_tokenizer), len(student_tokenizer)
+    if case == "same":
+        return f"the teacher's tokenizer ({t} tokens)"
+    if case == "other_vocabulary":
+        return f"another vocabulary ({s} tokens; the teacher's has {t})"
+    same_map = vocabulary_hash(teacher_tokenizer) == vocabulary_hash(student_tokenizer)
+    what = "the same token -> id map but another normalisation or pre-tokenisation" if same_map else "other tokens behind the same ids"
+    return f"the teacher's vocabulary size ({t}) with {what}"
+
+
+def load_student_tokenizer(name: str, storage: Storage | None = None):
+    """The tokenizer ``student.tokenizer`` names (a local folder, an fsspec URL or a hub id), with a
+    pad token (its EOS token when it has none; padded positions are masked out of every loss)."""
+    from transformers import AutoTokenizer
+
+    folder: str | Path = name
+    try:
+        if "://" in name:
+            folder = local_copy(name, storage, weights=False)
+        elif Path(name).expanduser().exists():
+            folder = Path(name).expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, FileNotFoundError) as e:
+        raise TeacherError(
+            f"cannot load student.tokenizer {name!r} ({e}): give a folder saved with tokenizer.save_pretrained, "
+            "or a hub id while the hub is reachable."
+        ) from None
+    if not tokenizer.is_fast:
+        raise TeacherError(
+            f"student.tokenizer {name!r} is a slow (Python) tokenizer, which gives no offsets to align by: "
+            "save its fast version (tokenizer.json) and point student.tokenizer at that."
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise TeacherError(
+                f"student.tokenizer {name!r} has neither a pad nor an EOS token: save it with an EOS token "
+                "(tokenizer.add_special_tokens({'eos_token': ...})), which also separates documents."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def embedding_rows(teacher_table: list[bytes], student_table: list[bytes], teacher_rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Embedding rows [Vs, D] for the student's vocabulary from the teacher's ``teacher_rows`` [Vt, D].
+
+    The rule, per student token (by the bytes it spells, :func:`distill_core.tokens.token_bytes`):
+    a teacher token spelling the same bytes gives its row as it is ("copied"); otherwise the mean of
+    the rows of the teacher tokens that spell its bytes, longest match first ("spelled"); a token
+    no teacher tokens spell (or that spells nothing) gets the mean of all teacher rows ("mean").
+    Returns (rows in ``teacher_rows``' dtype, counts of each case)."""
+    from distill_core.tokens import spell
+
+    index: dict[bytes, int] = {}
+    for i, b in enumerate(teacher_table[: teacher_rows.shape[0]]):
+        if b:
+            index.setdefault(b, i)
+    longest = max(map(len, index), default=1)
+    rows, cols, weights, counts = [], [], [], {"copied": 0, "spelled": 0, "mean": 0}
+    mean_rows = []
+    for s, b in enumerate(student_table):
+        ids = spell(b, index, longest) if b else None
+        if not ids:
+            mean_rows.append(s)
+            counts["mean"] += 1
+            continue
+        counts["copied" if len(ids) == 1 and teacher_table[ids[0]] == b else "spelled"] += 1
+        rows += [s] * len(ids)
+        cols += ids
+        weights += [1.0 / len(ids)] * len(ids)
+    source = teacher_rows.detach().float()
+    out = torch.zeros(len(student_table), source.shape[1])
+    out.index_add_(0, torch.tensor(rows, dtype=torch.long), source[torch.tensor(cols, dtype=torch.long)] * torch.tensor(weights)[:, None])
+    out[mean_rows] = source.mean(0)
+    return out.to(teacher_rows.dtype), counts
+
+
+def with_vocabulary(student: nn.Module, teacher_tokenizer, student_tokenizer) -> dict:
+    """Give ``student`` (built from the teacher's weights) the vocabulary of ``student_tokenizer``, in place:
+    the input embedding and an untied LM head are rebuilt by :func:`embedding_rows` from the teacher's
+    rows; the config's vocabulary size and special token ids become the student tokenizer's. Returns
+    how many rows were copied, spelled and set to the mean (for each rebuilt matrix)."""
+    from distill_core.tokens import token_bytes
+
+    t_table, s_table = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+    old_in = student.get_input_embeddings().weight.detach().clone()
+    head = student.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == student.get_input_embeddings().weight.data_ptr()
+    old_out = head.weight.detach().clone() if head is not None and not tied else None
+    new_in, counts = embedding_rows(t_table, s_table, old_in)
+    student.resize_token_embeddings(len(s_table), mean_resizing=False)
+    with torch.no_grad():
+        student.get_input_embeddings().weight.copy_(new_in)
+        if old_out is not None:
+            new_out, _ = embedding_rows(t_table, s_table, old_out)
+            student.get_output_embeddings().weight.copy_(new_out)
+            head_bias = getattr(student.get_output_embeddings(), "bias", None)
+            if head_bias is not None:
+                head_bias.zero_()
+    set_special_tokens(student, student_tokenizer)
+    return {"vocabulary": len(s_table), **counts, "tied_head": tied}
+
+
+def set_special_tokens(model: nn.Module, tokenizer) -> None:
+    """The model's config and generation config take ``tokenizer``'s BOS, EOS and pad ids."""
+    for config in (model.config, model.generation_config):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, name, getattr(tokenizer, name))
 
 
 def build_student(
     teacher: nn.Module, cfg: StudentConfig, seed: int, *, teacher_tokenizer_hash: str | None = None,
-    storage: Storage | None = None, plan: PrunePlan | None = None,
+    storage: Storage | None = None, plan: PrunePlan | None = None, tokenizers: tuple | None = None,
 ) -> nn.Module:
     """The student ``cfg.init`` asks for, checked to share the teacher's vocabulary.
 
     ``seed`` fixes any fresh initialisation; the global RNG state is left as it was. A pruned
-    student needs its ``plan`` (see :func:`distill_core.pruning.plan.plan_student`).
+    student needs its ``plan`` (see :func:`distill_core.pruning.plan.plan_student`). With
+    ``tokenizers`` = (teacher's, student's), the student gets the student tokenizer's vocabulary
+    instead (``student.tokenizer``): a config student is built with it, a teacher_layers or pruned
+    student has its embedding and head rebuilt by :func:`with_vocabulary`, a pretrained one keeps its own.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,10 +361,22 @@ def build_student(
                 raise ValueError("student.init 'pruned' needs its plan: compute it with distill_core.pruning.plan.plan_student")
             student = prune(teacher, plan)
         elif cfg.init == "config":
-            student = student_from_config(teacher, cfg.num_layers)
+            student = student_from_config(teacher, cfg.num_layers, vocab_size=len(tokenizers[1]) if tokenizers else None)
         else:
-            student = student_from_pretrained(cfg.pretrained, vocab_rows(teacher), teacher_tokenizer_hash, storage=storage)
-    check_vocab(student, teacher)
+            student = student_from_pretrained(cfg.pretrained, vocab_rows(teacher), None if tokenizers else teacher_tokenizer_hash,
+                                              storage=storage, own_vocabulary=tokenizers is not None)
+    if tokenizers is None:
+        check_vocab(student, teacher)
+    else:
+        if cfg.init in ("teacher_layers", "pruned"):
+            log.info("student vocabulary rebuilt from the teacher's rows: %s", with_vocabulary(student, *tokenizers))
+        elif cfg.init == "config":
+            set_special_tokens(student, tokenizers[1])
+        if vocab_rows(student) < len(tokenizers[1]):
+            raise TeacherError(
+                f"student has {vocab_rows(student)} logits but student.tokenizer {cfg.tokenizer} has {len(tokenizers[1])} "
+                "tokens: name the tokenizer saved with the pretrained student."
+            )
     log.info("student (%s): %d layers, %d parameters", cfg.init, num_layers(student), count_parameters(student))
     return student
 

@@ -27,6 +27,7 @@ from distill_core.losses.reduce import masked_mean
 from distill_core.losses.ranking import listwise_loss, pairwise_margin_loss
 from distill_core.losses.registry import DIVERGENCES
 from distill_core.losses.sequence import length_normalised, token_cross_entropy
+from distill_core.losses.uld import uld_distance
 from distill_core.storage import Storage
 
 Progress = Callable[[int, int, dict], None]
@@ -91,14 +92,14 @@ def loss_step(
         labels = b.input_ids[:, 1:]
         temperature = temperatures.get(source, 1.0)
         for term in own:
-            if term.name in DIVERGENCES and b.targets is None:
+            if term.name in _SOFT_NAMES and b.targets is None:
                 raise CacheError(f"loss {term.name!r} needs the teacher's top-k on {term.source}, but that cache has none.")
         ranked = any(t.name == "beam_rank" for t in own)
         if chunk_rows is not None and not ranked:
             hidden, weight, bias = body_and_head(student, b.input_ids)
             head_terms = [
                 HeadTerm("ce" if t.name in _CE_NAMES else t.name, t.weight, _mean_weights(_term_mask(t, b)),
-                         b.targets if t.name in DIVERGENCES else None, temperature, t.beta)
+                         _term_targets(t, b), temperature, t.beta)
                 for t in own
             ]
             source_total, values = fused_head_loss(hidden, weight, bias, labels, head_terms, tail=tail, chunk_rows=chunk_rows)
@@ -123,9 +124,11 @@ def loss_step(
                 else:
                     per_prompt = pairwise_margin_loss(scores, b.teacher_scores, b.valid, term.margin)
                 value = per_prompt.mean()
+            elif term.name == "uld":
+                value = masked_mean(uld_distance(out, _term_targets(term, b), temperature=temperature), _term_mask(term, b))
             else:
                 per_token = teacher_divergence(term.name, out, b.targets, tail=tail, temperature=temperature, beta=term.beta)
-                value = masked_mean(per_token, b.loss_mask)
+                value = masked_mean(per_token, _term_mask(term, b))
             parts[_part_name(term)] = value
             total = total + term.weight * value
     return total, parts
@@ -133,11 +136,26 @@ def loss_step(
 
 # Terms that are cross-entropy on their source's tokens, each under its own mask (``_term_mask``).
 _CE_NAMES = ("ce", "seqkd", "beam_top1")
+_SOFT_NAMES = (*DIVERGENCES, "uld")  # terms on the teacher's soft targets
 
 
 def _term_mask(term: LossTerm, b) -> torch.Tensor:
-    """[B, T-1] bool: the positions a term trains on (beam_top1: the teacher's best candidate only)."""
-    return b.loss_mask & b.is_top1[:, None] if term.name == "beam_top1" else b.loss_mask
+    """[B, T-1] bool: the positions a term trains on (beam_top1: the teacher's best candidate only; across
+    tokenizers, the soft terms: the positions that have their targets)."""
+    if term.name == "beam_top1":
+        return b.loss_mask & b.is_top1[:, None]
+    if term.name == "uld" and getattr(b, "uld_mask", None) is not None:
+        return b.uld_mask
+    if term.name in DIVERGENCES and getattr(b, "soft_mask", None) is not None:
+        return b.soft_mask
+    return b.loss_mask
+
+
+def _term_targets(term: LossTerm, b):
+    """The soft targets a term compares with (None for the others): ULD's own across tokenizers."""
+    if term.name == "uld":
+        return b.uld_targets if getattr(b, "uld_targets", None) is not None else b.targets
+    return b.targets if term.name in DIVERGENCES else None
 
 
 def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
@@ -318,9 +336,23 @@ def train_student(
     for cache in used.values():
         check_compatible(cache, data, teacher_ref.fingerprint)
     inputs = {"teacher": teacher_ref.fingerprint, "data": data.fingerprint, "caches": {k: c.fingerprint for k, c in used.items()}}
+    own_tokenizer = None
+    if student_cfg.tokenizer is not None:
+        from distill_core.student import load_student_tokenizer, tokenizer_case
+
+        own_tokenizer = load_student_tokenizer(student_cfg.tokenizer, storage)
+        if tokenizer_case(load_tokenizer(teacher_ref, storage), own_tokenizer) == "same":
+            own_tokenizer = None  # the teacher's tokenizer under another name: distil per token id, as without it
+        else:
+            from distill_core.teacher.load import tokenizer_hash
+
+            inputs["student_tokenizer"] = tokenizer_hash(own_tokenizer)  # what the name points at, not the name
     out = student_folder(name, student_cfg, train_cfg, terms, inputs)
     if (done := finished(storage, out, train_cfg)) is not None:
         return done
+    if own_tokenizer is not None:
+        return _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, sources, own_tokenizer,
+                                    out, progress, fail_at_step)
     if student_cfg.init == "pretrained":
         # The teacher's weights play no part here: its ref has the vocabulary and tokenizer to check.
         student = student_from_pretrained(student_cfg.pretrained, teacher_ref.vocab_size, teacher_ref.tokenizer_hash, storage=storage)
@@ -369,3 +401,47 @@ def _topk_temperature(cache, train_cfg: TrainConfig) -> float:
         raise CacheError(f"train.temperature {tau} is not served by the top-k cache {cache.folder}, which serves {served}: "
                          f"train at one of them, or capture again with {tau} in topk.temperatures.")
     return float(tau)
+
+
+def _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, sources, student_tokenizer, out,
+                         progress, fail_at_step) -> TrainResult:
+    """:func:`train_student` for a student with its own tokenizer (``student.tokenizer``): built with its
+    vocabulary, trained on the teacher rows' text in its tokens (:mod:`distill_core.retokenize`), saved
+    with its tokenizer."""
+    from distill_core.batches import samples_stream, step_batches, topk_stream
+    from distill_core.retokenize import Retokenizer
+    from distill_core.student import build_student
+    from distill_core.teacher.load import load_teacher
+
+    strategy = used["topk"].meta.get("strategy", "topk") if "topk" in used else "topk"
+    if strategy != "topk":
+        raise ConfigError(f"student.tokenizer carries the teacher's top-k across vocabularies, but this top-k cache holds "
+                          f"{strategy!r} targets: set topk.strategy to 'topk', or leave student.tokenizer unset.")
+    topk_temperature = _topk_temperature(used.get("topk"), train_cfg)
+    teacher, teacher_tokenizer = load_teacher(teacher_ref, storage)
+    init = plan = None
+    if student_cfg.init == "pruned":
+        from distill_core.data import first_train_sequences
+        from distill_core.pruning.plan import plan_of, plan_student
+
+        record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
+                              lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
+        plan = plan_of(record)
+        init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
+    student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan, storage=storage,
+                            tokenizers=(teacher_tokenizer, student_tokenizer))
+    del teacher
+    context = getattr(student.config, "n_positions", None) or getattr(student.config, "max_position_embeddings", None)
+    retok = Retokenizer(teacher_tokenizer, student_tokenizer, max_len=context)
+    pad = student_tokenizer.pad_token_id
+    streams, collate = {}, {}
+    if "data" in sources:
+        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed, temperature=topk_temperature)
+        collate["data"] = lambda rows: retok.collate_data(rows, pad)
+    if "samples" in sources:
+        streams["samples"] = samples_stream(storage, data, used["samples"], seed=train_cfg.seed)
+        collate["samples"] = lambda rows: retok.collate_samples(rows, pad)
+    temperatures = {"data": topk_temperature}
+    batches = step_batches(streams, train_cfg.batch_size, pad_id=pad, collate=collate)
+    return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures,
+                 tokenizer=student_tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)

@@ -62,6 +62,12 @@ def other_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def small_tokenizer():
+    """Another vocabulary (300 tokens, trained on other text): a student tokenizer for distilling across tokenizers."""
+    return build_tiny_tokenizer(vocab_size=300, first_topic=10)
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tiny_tokenizer):
     """A 4-layer, 32-wide random GPT-2 over the tiny tokenizer's vocabulary."""
     return build_tiny_gpt2(len(tiny_tokenizer))

@@ -60,15 +60,22 @@ def _sparse_log_probs(
     tail_logprob: torch.Tensor,
     tail: Tail,
     temperature: float,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher and student log-probabilities on the sparse categories: [..., k+1] (bucket) or [..., k]."""
+    """Teacher and student log-probabilities on the sparse categories: [..., k+1] (bucket) or [..., k].
+
+    ``valid`` [..., k] bool (or None: all) marks the slots that are categories; an invalid slot
+    repeats a valid id, is -inf on both sides, and the student's mass there stays in its tail."""
     # Gather before casting so the student's logits at the ids are never a full-vocabulary copy.
     student_at_ids = student_logits.gather(-1, ids).float() / temperature
+    if valid is not None:
+        student_at_ids = student_at_ids.masked_fill(~valid, float("-inf"))
+        logprobs = logprobs.masked_fill(~valid, float("-inf"))
     if tail == "renormalize":
         return torch.log_softmax(logprobs.float(), dim=-1), torch.log_softmax(student_at_ids, dim=-1)
 
     lse_ids = torch.logsumexp(student_at_ids, dim=-1)
-    if ids.shape[-1] == student_logits.shape[-1]:
+    if valid is None and ids.shape[-1] == student_logits.shape[-1]:
         # Nothing outside the ids; logsumexp over an all −inf row would give NaN gradients.
         lse_rest = torch.full_like(lse_ids, float("-inf"))
     else:
@@ -107,13 +114,14 @@ def _sparse_rows(
     ids: torch.Tensor,
     logprobs: torch.Tensor,
     tail_logprob: torch.Tensor,
+    valid: torch.Tensor | None = None,
     *,
     divergence: Divergence,
     tail: Tail,
     temperature: float,
     beta: float,
 ) -> torch.Tensor:
-    log_p, log_q = _sparse_log_probs(student_logits, ids, logprobs, tail_logprob, tail, temperature)
+    log_p, log_q = _sparse_log_probs(student_logits, ids, logprobs, tail_logprob, tail, temperature, valid)
     return divergence(log_p, log_q, beta) * temperature**2
 
 
@@ -157,6 +165,8 @@ def sparse_divergence(
 
     rows = functools.partial(_sparse_rows, divergence=divergence, tail=tail, temperature=temperature, beta=beta)
     parts = (student_logits, targets.ids, targets.logprobs, targets.tail_logprob)
+    if targets.valid is not None:
+        parts = (*parts, targets.valid)
     if chunk_rows is None:
         return rows(*parts)
 

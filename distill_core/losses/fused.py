@@ -31,6 +31,7 @@ from distill_core.losses.registry import DIVERGENCES
 from distill_core.losses.sampled import teacher_divergence
 from distill_core.losses.sequence import token_cross_entropy
 from distill_core.losses.signals import SampledTargets, TopKTargets
+from distill_core.losses.uld import uld_distance
 
 Targets = TopKTargets | SampledTargets
 
@@ -39,7 +40,7 @@ Targets = TopKTargets | SampledTargets
 class HeadTerm:
     """One per-token loss on the head's rows, and how it enters the total.
 
-    name:        "ce" (cross-entropy of the labels) or a divergence name (``registry.DIVERGENCES``).
+    name:        "ce" (cross-entropy of the labels), "uld" (``losses.uld``) or a divergence name (``registry.DIVERGENCES``).
     weight:      the term's weight in the total.
     row_weights: [B, T] float, each position's share of the term's value: ``mask / mask.sum()`` for a
                  masked mean. Positions at 0 add nothing and get no gradient, whatever their loss.
@@ -88,7 +89,9 @@ def fused_head_loss(
     assert chunk_rows >= 1, f"chunk_rows must be positive, got {chunk_rows}"
     assert terms, "fused_head_loss needs at least one term"
     for term in terms:
-        assert term.name == "ce" or term.name in DIVERGENCES, f"unknown loss {term.name!r}; choose 'ce' or one of {sorted(DIVERGENCES)}"
+        assert term.name in ("ce", "uld") or term.name in DIVERGENCES, (
+            f"unknown loss {term.name!r}; choose 'ce', 'uld' or one of {sorted(DIVERGENCES)}"
+        )
         assert term.row_weights.shape == labels.shape, f"row_weights {tuple(term.row_weights.shape)} must be [B, T] = {tuple(labels.shape)}"
         assert term.name == "ce" or term.targets is not None, f"divergence {term.name!r} needs targets"
     return _FusedHeadLoss.apply(hidden, weight, bias, labels, tuple(terms), tail, chunk_rows)
@@ -154,6 +157,8 @@ def _chunk_values(logits, labels, terms, rows, targets, tail) -> list[torch.Tens
     for term, weights, mask, target in zip(terms, rows, used, targets):
         if term.name == "ce":
             per_token = ce
+        elif term.name == "uld":
+            per_token = uld_distance(logits[None], target, temperature=term.temperature)[0]
         else:
             per_token = teacher_divergence(term.name, logits[None], target, tail=tail, temperature=term.temperature, beta=term.beta)[0]
         # where, not multiply: a position outside the mask may hold inf or NaN, and 0·inf is NaN.

@@ -15,6 +15,9 @@ class TopKTargets:
     logprobs:     [B, T, k] float, ``log_softmax(teacher_logits / τ)`` gathered at ``ids``.
     tail_logprob: [B, T]    float, log of the teacher mass outside ``ids``; ``-inf`` when nothing is
                   left (k = vocab, or the teacher gives the rest zero probability).
+    valid:        [B, T, k] bool or None (all valid). Across tokenizers some slots hold no category:
+                  their logprob is ``-inf``, their id repeats a valid id of the row, and the student's
+                  mass there is counted in the tail (``tail_logprob`` holds the teacher's).
 
     The targets carry no gradient, and do not record τ: the cache manifest does, and the caller
     passes the same τ to the loss.
@@ -23,6 +26,7 @@ class TopKTargets:
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail_logprob: torch.Tensor
+    valid: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.ids.dim() == 3, f"TopKTargets.ids must be [B, T, k], got shape {tuple(self.ids.shape)}"
@@ -32,6 +36,9 @@ class TopKTargets:
         )
         assert self.tail_logprob.shape == self.ids.shape[:2], (
             f"TopKTargets.tail_logprob {tuple(self.tail_logprob.shape)} must be [B, T] = {tuple(self.ids.shape[:2])}"
+        )
+        assert self.valid is None or (self.valid.shape == self.ids.shape and self.valid.dtype == torch.bool), (
+            f"TopKTargets.valid must be bool like ids {tuple(self.ids.shape)}"
         )
 
     @property
@@ -43,11 +50,13 @@ class TopKTargets:
             ids=self.ids.to(device, non_blocking=non_blocking),
             logprobs=self.logprobs.to(device, non_blocking=non_blocking),
             tail_logprob=self.tail_logprob.to(device, non_blocking=non_blocking),
+            valid=self.valid.to(device, non_blocking=non_blocking) if self.valid is not None else None,
         )
 
     def rows(self, index) -> "TopKTargets":
-        """The targets of the batch rows ``index`` (a slice or index tensor over B)."""
-        return TopKTargets(self.ids[index], self.logprobs[index], self.tail_logprob[index])
+        """The targets of rows ``index`` (anything that indexes the leading dimension)."""
+        return TopKTargets(self.ids[index], self.logprobs[index], self.tail_logprob[index],
+                           self.valid[index] if self.valid is not None else None)
 
 
 @dataclass(frozen=True, eq=False)

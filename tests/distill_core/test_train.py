@@ -162,3 +162,40 @@ def test_a_temperature_the_cache_does_not_serve_is_refused():
     old = CacheRef("topk", "caches/topk/y", "y", {"temperature": 1.0})  # a cache from before topk.temperatures
     with pytest.raises(CacheError, match=r"serves \[1.0\]"):
         _topk_temperature(old, TrainConfig(temperature=2.0))
+
+
+def test_a_student_with_its_own_tokenizer_trains_on_the_same_text_and_is_scored_per_byte(tmp_path, tiny_teacher_dir, small_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill_core.config import EvalConfig, TopKConfig
+    from distill_core.evaluate import evaluate_students
+    from distill_core.teacher.topk import cache_topk
+
+    storage = Storage(str(tmp_path / "root"))
+    small_tokenizer.save_pretrained(tmp_path / "small")
+    ref = resolve_teacher(PathTeacher(path=str(tiny_teacher_dir)), storage)
+    teacher, tokenizer = teacher_load.load_teacher(ref, storage)
+    data = prepare_data(DataConfig(seq_len=24, rows_per_shard=8, max_documents=12, max_train_sequences=16, max_validation_sequences=4),
+                        tokenizer, ref.tokenizer_hash, storage)
+    cache = cache_topk(lambda: teacher, data, ref.to_dict(), TopKConfig(k=8), storage)
+    cfg = TrainConfig(steps=3, batch_size=2, warmup_steps=0, device="cpu", baseline=False)
+    student_cfg = StudentConfig(init="teacher_layers", layers=[0, 3], tokenizer=str(tmp_path / "small"))
+    terms = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="uld", weight=0.5), LossTerm(name="ce", weight=0.5)]
+    result = train_student("student", terms, student_cfg, cfg, storage, ref, data, caches={"topk": cache})
+    assert all(math.isfinite(h[k]) for h in result.history for k in ("loss", "forward_kl", "uld", "ce"))
+    assert 0 < result.history[0]["uld"] <= 2
+    folder = storage.local_dir(result.model_folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    saved = AutoTokenizer.from_pretrained(folder)
+    assert model.config.vocab_size == len(saved) == 300
+    ids = saved("def f(x):", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=saved.eos_token_id)
+    assert out.shape == (1, ids.shape[1] + 4) and isinstance(saved.decode(out[0]), str)
+
+    metrics = evaluate_students(ref, {"student": result.model_folder}, storage, data, EvalConfig(max_sequences=4, batch_size=2), "cpu",
+                                baseline=None)
+    t, s = metrics["teacher"], metrics["student"]
+    assert t["unit"] == s["unit"] == "byte" and s["top1_agreement"] is None
+    assert 0 < t["val_bpb"] < 16 and 0 < s["val_bpb"] < 16 and s["val_bpb_low"] <= s["val_bpb"] <= s["val_bpb_high"]
+    assert s["per_sequence"]["tokens"] == t["per_sequence"]["tokens"]
+    assert s["ppl_ratio_vs_teacher_low"] <= s["ppl_ratio_vs_teacher"] <= s["ppl_ratio_vs_teacher_high"]

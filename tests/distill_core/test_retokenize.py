@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+
+from distill_core.align import align
+from distill_core.retokenize import Retokenized, Retokenizer, student_targets
+
+TEXT = "héllo world, def f(x): return x\n\nThe end."
+
+
+def _row(tok):
+    return np.array(tok(TEXT)["input_ids"] + [tok.eos_token_id] + tok("Next doc é")["input_ids"])
+
+
+def _targets(ids, k=4, seed=0):
+    """Top-k over a row's positions with the actual next token first at probability 0.4, three others at 0.1."""
+    rng = np.random.default_rng(seed)
+    top = rng.integers(1, 384, (len(ids) - 1, k))
+    top[:, 0] = ids[1:]
+    lps = np.log(np.array([[0.4, 0.1, 0.1, 0.1]] * (len(ids) - 1), dtype=np.float32))
+    return top, lps, np.log(np.full(len(ids) - 1, 0.3, dtype=np.float32))
+
+
+def test_identical_tokenizers_give_the_teacher_row_and_targets_exactly(tiny_tokenizer):
+    ids = _row(tiny_tokenizer)
+    r = Retokenizer(tiny_tokenizer, tiny_tokenizer)
+    row = r.rows([ids])[0]
+    assert np.array_equal(row.ids, ids)
+    top, lps, tail = _targets(ids)
+    out = student_targets(row, ids, top, lps, tail, r.teacher_to_student)
+    assert np.array_equal(out["topk_ids"], top) and np.array_equal(out["topk_logprobs"], lps)
+    assert np.array_equal(out["tail_logprob"], tail) and out["valid"].all() and out["soft"].all()
+
+
+def test_another_tokenizer_spells_the_same_text(tiny_tokenizer, small_tokenizer):
+    ids = _row(tiny_tokenizer)
+    r = Retokenizer(tiny_tokenizer, small_tokenizer)
+    whole, cut_start, cut_end = r.rows([ids, ids[2:], ids[:-1]])  # ids[1:3] are the two bytes of "é"
+    assert small_tokenizer.decode(whole.ids) == tiny_tokenizer.decode(ids)
+    assert small_tokenizer.eos_token_id in whole.ids.tolist()
+    assert small_tokenizer.decode(cut_start.ids).startswith("llo world")  # the cut character is left out
+    assert small_tokenizer.decode(cut_end.ids).endswith("Next doc ")
+    assert (whole.alignment.teacher_block >= 0).all() and (whole.alignment.student_block >= 0).all()
+    top, lps, tail = _targets(ids)
+    out = student_targets(whole, ids, top, lps, tail, r.teacher_to_student)
+    n = len(whole.ids) - 1
+    assert out["topk_ids"].shape == (n, 4) and out["soft"].shape == (n,)
+    assert (out["topk_ids"][out["valid"]] < len(small_tokenizer)).all()
+    total = np.exp(np.where(out["valid"], out["topk_logprobs"], -np.inf)).sum(-1) + np.exp(out["tail_logprob"])
+    assert np.allclose(total[out["soft"]], 1.0, atol=1e-5)  # every target a distribution
+    assert out["uld"].sum() >= out["soft"].sum() > n // 2
+
+
+def _hand(teacher_pieces, student_pieces, student_ids):
+    def spans(pieces):
+        ends = np.cumsum([len(p) for p in pieces])
+        return np.stack([ends - [len(p) for p in pieces], ends], 1)
+
+    return Retokenized(np.array(student_ids), spans(student_pieces), align(spans(teacher_pieces), spans(student_pieces)))
+
+
+def test_one_to_many_takes_the_chained_probability():
+    # teacher "The" "un" "believ" "able"; student "The" "unbelievable" (student ids 0, 1)
+    teacher_ids = np.array([10, 11, 12, 13])
+    row = _hand(["The", "un", "believ", "able"], ["The", "unbelievable"], [0, 1])
+    top = np.array([[11, 20], [12, 21], [13, 22]])
+    lps = np.log(np.array([[0.5, 0.2], [0.6, 0.1], [0.9, 0.05]], dtype=np.float32))
+    tail = np.log(np.array([0.3, 0.3, 0.05], dtype=np.float32))
+    to_student = np.full(30, -1)
+    to_student[20] = 5  # teacher id 20 spells a student token; 11 ("un") does not
+    out = student_targets(row, teacher_ids, top, lps, tail, to_student)
+    assert out["soft"].tolist() == [True]
+    valid = out["valid"][0]
+    got = dict(zip(out["topk_ids"][0][valid].tolist(), np.exp(out["topk_logprobs"][0][valid]).tolist()))
+    assert got == pytest.approx({5: 0.2, 1: 0.5 * 0.6 * 0.9})
+    assert np.exp(out["tail_logprob"][0]) == pytest.approx(1 - 0.2 - 0.27)
+    assert np.exp(out["uld_logprobs"][0]).tolist() == pytest.approx([0.5, 0.2])  # the teacher's own sorted top-k
+
+
+def test_many_to_one_student_tokens_share_the_probability():
+    # teacher "The" "unbelievable"; student "The" "un" "believ" "able" (student ids 0..3)
+    teacher_ids = np.array([10, 11])
+    row = _hand(["The", "unbelievable"], ["The", "un", "believ", "able"], [0, 1, 2, 3])
+    top, lps, tail = np.array([[11, 20]]), np.log(np.array([[0.512, 0.2]], dtype=np.float32)), np.log(np.array([0.288], dtype=np.float32))
+    to_student = np.full(30, -1)
+    out = student_targets(row, teacher_ids, top, lps, tail, to_student)
+    shared = 0.512 ** (1 / 3)
+    assert out["soft"].tolist() == [True, True, True]
+    for j, actual in enumerate([1, 2, 3]):
+        valid = out["valid"][j]
+        got = dict(zip(out["topk_ids"][j][valid].tolist(), np.exp(out["topk_logprobs"][j][valid]).tolist()))
+        assert got == pytest.approx({actual: shared}, rel=1e-5)
+        assert np.exp(out["tail_logprob"][j]) == pytest.approx(1 - shared, rel=1e-5)
+
+
+def test_identical_tokenizers_reduce_exactly_to_todays_loss(tiny_tokenizer, tiny_teacher):
+    import torch
+
+    from distill_core.batches import StepBatch, collate_data
+    from distill_core.config import LossTerm
+    from distill_core.losses.divergence import topk_targets_from_logits
+    from distill_core.train import loss_step
+
+    ids = _row(tiny_tokenizer)
+    rows = [ids[:20], ids[20:40]]
+    with torch.no_grad():
+        t = topk_targets_from_logits(tiny_teacher(input_ids=torch.tensor(np.stack(rows), dtype=torch.long)).logits[:, :-1], 8, 1.0)
+    data = [{"input_ids": r, "topk_ids": t.ids[i].numpy(), "topk_logprobs": t.logprobs[i].numpy(), "tail_logprob": t.tail_logprob[i].numpy()}
+            for i, r in enumerate(rows)]
+    today = collate_data(data)
+    across = Retokenizer(tiny_tokenizer, tiny_tokenizer).collate_data(data, pad_id=0)
+    assert torch.equal(across.input_ids, today.input_ids.long()) and across.soft_mask.all()
+    terms = [LossTerm(name="forward_kl", weight=0.5), LossTerm(name="ce", weight=0.5), LossTerm(name="uld", weight=0.25)]
+    for chunk in (None, 7):
+        a_total, a_parts = loss_step(tiny_teacher, StepBatch(data=across), terms, tail="bucket", temperatures={}, chunk_rows=chunk)
+        b_total, b_parts = loss_step(tiny_teacher, StepBatch(data=today), terms, tail="bucket", temperatures={}, chunk_rows=chunk)
+        assert torch.equal(a_total, b_total)
+        assert all(torch.equal(a_parts[n], b_parts[n]) for n in b_parts)
