@@ -214,7 +214,9 @@ def collate_data(rows: list[dict[str, np.ndarray]]) -> Batch:
 def collate_samples(rows: list[dict[str, np.ndarray]], pad_id: int) -> Batch:
     """prompt + completion, right-padded; the loss is masked to positions that predict a completion token.
 
-    Soft targets (when stored) fill those positions; other positions get a harmless uniform target."""
+    Soft targets (when stored) fill those positions; other positions (prompt, padding) get a uniform target
+    over the k ids and the tail bucket, every category finite: a −inf tail there would make reverse KL's
+    masked-out terms infinite and their (masked) gradients NaN."""
     seqs = [np.concatenate([r["prompt_ids"], r["completion_ids"]]) for r in rows]
     length = max(map(len, seqs))
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -223,8 +225,8 @@ def collate_samples(rows: list[dict[str, np.ndarray]], pad_id: int) -> Batch:
     if soft:
         k = rows[0]["topk_ids"].shape[1]
         ids = torch.arange(k).repeat(len(rows), length - 1, 1)
-        lps = torch.full((len(rows), length - 1, k), -float(np.log(k)))
-        tail = torch.full((len(rows), length - 1), -float("inf"))
+        lps = torch.full((len(rows), length - 1, k), -float(np.log(k + 1)))
+        tail = torch.full((len(rows), length - 1), -float(np.log(k + 1)))
     for i, (r, seq) in enumerate(zip(rows, seqs)):
         p, c = len(r["prompt_ids"]), len(r["completion_ids"])
         input_ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
@@ -247,12 +249,20 @@ def collate_beams(rows: list[dict], pad_id: int) -> BeamBatch:
     return BeamBatch(base.input_ids, base.loss_mask, scores, torch.ones_like(scores, dtype=torch.bool), is_top1)
 
 
+def collators(pad_id: int, overrides: dict[str, Callable] | None = None) -> dict[str, Callable[[list[dict]], Batch | BeamBatch]]:
+    """``source -> (rows -> micro-batch)`` for data, samples, beams and student_samples (graded student
+    samples, collated like teacher samples). ``overrides`` replaces a source's collation (a student with
+    its own tokenizer: ``retokenize``)."""
+    samples = lambda rows: collate_samples(rows, pad_id)  # noqa: E731
+    return {"data": collate_data, "samples": samples, "student_samples": samples,
+            "beams": lambda rows: collate_beams(rows, pad_id), **(overrides or {})}
+
+
 def step_batches(streams: dict[str, RowStream], batch_size: int, pad_id: int,
                  collate: dict[str, Callable] | None = None) -> Callable[[int], Iterator[StepBatch]]:
-    """``skip -> iterator of StepBatch``: one micro-batch from each source's stream per step.
-    ``collate`` replaces a source's collation (a student with its own tokenizer: ``retokenize``)."""
-    collate = {"data": collate_data, "samples": lambda r: collate_samples(r, pad_id), "beams": lambda r: collate_beams(r, pad_id),
-               **(collate or {})}
+    """``skip -> iterator of StepBatch``: one micro-batch from each source's stream per step;
+    ``collate`` as ``collators``' overrides."""
+    collate = collators(pad_id, collate)
 
     def batches(skip: int) -> Iterator[StepBatch]:
         its = {src: stream.batches(batch_size, skip) for src, stream in streams.items()}

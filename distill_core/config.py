@@ -128,6 +128,25 @@ class SamplesConfig(_Model):
     decode: DecodeKind = Field("dynamic", description=_DECODE.format(rows="rows", results="samples"))
 
 
+class StudentSamplesConfig(_Model):
+    """On-policy distillation: the student writes continuations of train prompts and the teacher grades
+    them (its top-k at every written position, at ``topk.k`` and ``topk.temperature``)."""
+
+    prompt_len: int = Field(32, ge=1, description="Prompt tokens: the start of each packed train sequence.")
+    num_prompts: int = Field(64, ge=1, description="Prompts the student continues each round (the first train sequences).")
+    num_samples: int = Field(1, ge=1, le=64, description="Continuations the student writes per prompt.")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Longest continuation; EOS ends one earlier.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="The student's sampling temperature.")
+    seed: int = Field(0, description="Sampling seed: the same student and seed give the same samples.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch of the student.")
+    policy: Literal["init", "champion"] = Field(
+        "init",
+        description="The student round 1 starts from and samples with: init builds it as student configures; "
+        "champion loads the registered champion of registry.name (same teacher and tokenizer), so each night "
+        "continues from the best student so far.",
+    )
+
+
 class BeamsConfig(_Model):
     """Distilled beam search: the teacher's N beam candidates per prompt, with scores."""
 
@@ -207,26 +226,33 @@ SOFT_NAMES = (*DIVERGENCE_NAMES, "uld")  # terms on the teacher's top-k soft tar
 class LossTerm(_Model):
     name: LossName = Field(
         description="ce: cross-entropy on data tokens; forward_kl..tvd: divergences to the teacher's top-k "
-        "(on the data, or on teacher samples with on=samples); uld: Universal Logit Distillation, the L1 distance between the "
-        "sorted teacher and student probabilities (no shared vocabulary needed: for a student with its own tokenizer); seqkd: cross-entropy on teacher samples' "
+        "(on the data, on teacher samples with on=samples, or on the student's own samples graded by the teacher "
+        "with on=student_samples: on-policy distillation, trained in rounds); uld: Universal Logit Distillation, the L1 "
+        "distance between the sorted teacher and student probabilities (no shared vocabulary needed: for a student with "
+        "its own tokenizer); seqkd: cross-entropy on teacher samples' "
         "completions; beam_top1: cross-entropy on the teacher's best beam; beam_rank: rank the teacher's beams."
     )
     weight: float = Field(1.0, gt=0.0, description="Weight of this term in the sum.")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight (jsd) or skew (skew_kl).")
-    on: Literal["data", "samples"] = Field("data", description="Where a divergence is taken: data positions or sample completions.")
+    on: Literal["data", "samples", "student_samples"] = Field(
+        "data", description="Where a divergence is taken: data positions, teacher sample completions, or the "
+        "student's own completions graded by the teacher (student_samples)."
+    )
     ranking: Literal["listwise", "pairwise"] = Field("listwise", description="beam_rank: listwise KL or pairwise margin.")
     rank_temperature: float = Field(1.0, gt=0.0, description="beam_rank listwise: softmax temperature over candidates.")
     margin: float = Field(0.1, ge=0.0, description="beam_rank pairwise: required score gap.")
 
     @model_validator(mode="after")
     def _check(self) -> "LossTerm":
-        if self.on == "samples" and self.name not in SOFT_NAMES:
-            raise ValueError(f"on=samples applies to soft-target terms {SOFT_NAMES}; {self.name!r} has a fixed source.")
+        if self.on != "data" and self.name not in SOFT_NAMES:
+            raise ValueError(f"on={self.on} applies to soft-target terms {SOFT_NAMES}; {self.name!r} has a fixed source.")
         return self
 
     @property
-    def source(self) -> Literal["data", "samples", "beams"]:
+    def source(self) -> Literal["data", "samples", "beams", "student_samples"]:
         """The cached teacher output this term trains on."""
+        if self.on == "student_samples":
+            return "student_samples"
         if self.name in ("seqkd",) or self.on == "samples":
             return "samples"
         if self.name.startswith("beam_"):
@@ -239,8 +265,9 @@ CacheKind = Literal["topk", "samples", "beams"]
 
 def caches_for(terms: list[LossTerm]) -> list[CacheKind]:
     """The teacher caches these loss terms train on, in stage order (top-k soft targets on the data
-    come from the top-k cache; everything on samples or beams from those caches)."""
-    needed = {"topk" if t.source == "data" else t.source for t in terms if t.name != "ce"}
+    come from the top-k cache; everything on samples or beams from those caches). The graded student
+    samples are no teacher cache of the run's start: each round writes its own (``rounds``)."""
+    needed = {"topk" if t.source == "data" else t.source for t in terms if t.name != "ce" and t.source != "student_samples"}
     return [kind for kind in ("topk", "samples", "beams") if kind in needed]
 
 
@@ -255,7 +282,21 @@ class TrainConfig(_Model):
         description="bucket: the teacher's mass outside its top-k is one extra category matched by the student's "
         "mass outside the same ids; renormalize: both distributions are restricted to the top-k ids.",
     )
-    steps: int = Field(120, ge=1, description="Optimizer steps.")
+    steps: int = Field(120, ge=1, description="Optimizer steps (in all rounds together).")
+    rounds: int = Field(
+        1, ge=1, le=1000,
+        description="On-policy rounds (with a loss part on student_samples): round r samples with the student as it "
+        "is after round r-1, the teacher grades, the student trains round_steps steps. 1 without such a part: "
+        "plain training.",
+    )
+    round_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps per round; rounds × round_steps must equal steps (default steps / rounds).",
+    )
+    on_policy_fraction: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Share of a round's steps whose batch is the student's graded samples (the loss parts on "
+        "student_samples); the other steps train the other loss parts on their sources.",
+    )
     batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW).")
@@ -291,6 +332,43 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available (bf16 autocast there).")
     baseline: bool = Field(True, description="Also train a CE-only student with the same budget, for comparison.")
 
+    @model_validator(mode="after")
+    def _check_rounds(self) -> "TrainConfig":
+        on_policy = [t.name for t in self.losses if t.source == "student_samples"]
+        others = [t.name for t in self.losses if t.source != "student_samples"]
+        if self.rounds > 1 and not on_policy:
+            raise ValueError(f"train.rounds is {self.rounds} but no loss part has on: student_samples: add one (e.g. "
+                             "{name: reverse_kl, on: student_samples}) or set train.rounds to 1.")
+        if not on_policy:
+            if self.round_steps is not None:
+                raise ValueError("train.round_steps is set but no loss part has on: student_samples: remove it.")
+            return self
+        if self.round_steps is not None and self.round_steps * self.rounds != self.steps:
+            raise ValueError(f"train.round_steps {self.round_steps} × train.rounds {self.rounds} = "
+                             f"{self.round_steps * self.rounds}, but train.steps is {self.steps}: make them agree.")
+        if self.round_steps is None and self.steps % self.rounds:
+            raise ValueError(f"train.steps {self.steps} does not divide into train.rounds {self.rounds}: set train.steps "
+                             "to a multiple of the rounds, or train.round_steps.")
+        if self.on_policy_fraction == 0.0:
+            raise ValueError(f"train.on_policy_fraction is 0, so the loss parts on student_samples {on_policy} never "
+                             "train: raise it above 0.")
+        if others and self.on_policy_fraction == 1.0:
+            raise ValueError(f"train.on_policy_fraction is 1, so the loss parts {others} never train: lower it, or "
+                             "remove those parts.")
+        if not others and self.on_policy_fraction < 1.0:
+            raise ValueError(f"train.on_policy_fraction is {self.on_policy_fraction}, but every loss part is on "
+                             "student_samples: set it to 1, or add parts on other sources (e.g. ce).")
+        return self
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether the student trains in on-policy rounds (some loss part is on student_samples)."""
+        return any(t.source == "student_samples" for t in self.losses)
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.round_steps if self.round_steps is not None else self.steps // self.rounds
+
     def students(self) -> dict[str, list[LossTerm]]:
         """The students a run trains: "student" with the configured terms, and the CE-only "baseline"."""
         return {"student": list(self.losses), **({"baseline": [LossTerm(name="ce")]} if self.baseline else {})}
@@ -314,7 +392,8 @@ class EvalConfig(_Model):
     )
     speed_tokens: int = Field(512, ge=16, description="Tokens used to time CPU throughput of teacher and student.")
     generation: Literal["auto", "on", "off"] = Field(
-        "auto", description="Teacher-scored NLL and distinct-n of samples on held-out prompts (auto: when a student trains on samples)."
+        "auto", description="Teacher-scored NLL and distinct-n of samples on held-out prompts (auto: when a student trains on teacher "
+        "or its own samples)."
     )
     selection: Literal["auto", "on", "off"] = Field(
         "auto", description="Beam selection agreement, Kendall tau and beam token F1 (auto: when a student trains on beams)."
@@ -329,7 +408,9 @@ class EvalConfig(_Model):
 
     def wants(self, metric: Literal["generation", "selection"], train: "TrainConfig") -> bool:
         setting = getattr(self, metric)
-        return setting == "on" or (setting == "auto" and train.needs("samples" if metric == "generation" else "beams"))
+        if metric == "generation":  # the metric on-policy training targets
+            return setting == "on" or (setting == "auto" and (train.needs("samples") or train.on_policy))
+        return setting == "on" or (setting == "auto" and train.needs("beams"))
 
 
 class RegistryConfig(_Model):
@@ -382,6 +463,7 @@ class RunConfig(_Model):
     topk: TopKConfig = Field(default_factory=TopKConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     beams: BeamsConfig = Field(default_factory=BeamsConfig)
+    student_samples: StudentSamplesConfig = Field(default_factory=StudentSamplesConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -396,6 +478,12 @@ class RunConfig(_Model):
                 f"train.losses {soft_on_samples} use the teacher's soft targets on samples, but samples.soft_topk is 0: "
                 "set samples.soft_topk (e.g. 32) so the sample cache stores them."
             )
+        if self.train.on_policy and self.student_samples.prompt_len >= self.data.seq_len:
+            raise ValueError(f"student_samples.prompt_len {self.student_samples.prompt_len} must be below data.seq_len "
+                             f"{self.data.seq_len}: prompts are cut from train sequences.")
+        if self.student_samples.policy == "champion" and self.registry.kind != "file":
+            raise ValueError("student_samples.policy 'champion' reads the champion from the file registry, but "
+                             f"registry.kind is {self.registry.kind!r}: use registry.kind file, or policy init.")
         self._check_topk_targets()
         return self
 

@@ -6,16 +6,16 @@ import io
 
 
 def loss_curve_png(history: list[dict]) -> bytes:
-    """Training loss (and each loss term) against step, as PNG bytes."""
+    """Training loss (and each loss term) against step, as PNG bytes. A term missing from some steps (the
+    on-policy and other steps of a round train different terms) is drawn over the steps that have it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    steps = [h["step"] for h in history]
-    for key in [k for k in (history[0] if history else {}) if k not in ("step", "lr")]:
-        ax.plot(steps, [h[key] for h in history], label=key, linewidth=1.2)
+    for key in [k for k in dict.fromkeys(k for h in history for k in h) if k not in ("step", "lr")]:
+        ax.plot([h["step"] for h in history if key in h], [h[key] for h in history if key in h], label=key, linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(loc="upper right", fontsize=8)

@@ -126,11 +126,16 @@ def check_cross_tokenizer(cfg: RunConfig, teacher, storage: Storage) -> str:
     check_roundtrip(teacher_tok, token_bytes(teacher_tok), f"teacher {teacher.path}")
     check_roundtrip(student_tok, token_bytes(student_tok), f"student.tokenizer {student.tokenizer}")
     unsupported = sorted({t.name for t in cfg.train.losses if t.name in CROSS_TOKENIZER_UNSUPPORTED}
-                         | {f"{t.name}@samples" for t in cfg.train.losses if t.on == "samples"})
+                         | {f"{t.name}@{t.on}" for t in cfg.train.losses if t.on in ("samples", "student_samples")})
     if unsupported:
         raise ConfigError(
             f"student.tokenizer {student.tokenizer} has {what}, and train.losses {unsupported} have no cross-tokenizer "
             "form yet: drop them (ce, seqkd, the divergences and uld on the data work across tokenizers)."
+        )
+    if cfg.topk.strategy != "topk" and any(t.source == "data" and t.name != "ce" for t in cfg.train.losses):
+        raise ConfigError(
+            f"student.tokenizer {student.tokenizer} has {what}: soft targets are carried across vocabularies from the "
+            f"teacher's exact top-k, but topk.strategy is {cfg.topk.strategy!r}: set topk.strategy to 'topk'."
         )
     if student.init == "pretrained":
         from transformers import AutoConfig

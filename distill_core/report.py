@@ -51,6 +51,7 @@ class RunSummary:
     train_seconds: dict[str, float] = field(default_factory=dict)
     loss_curve_pngs: dict[str, bytes] = field(default_factory=dict)  # model name -> the PNG itself
     resumed_from: dict[str, int] = field(default_factory=dict)  # model name -> checkpoint step its training resumed at
+    rounds: list[dict] = field(default_factory=list)  # the on-policy rounds' records (train_round_<r>), in order
 
 
 def store_size(storage: Storage, label: str, folder: str, tokens_per_row: int | None) -> StoreSize:
@@ -86,8 +87,12 @@ def gather(storage: Storage, run_id: str) -> RunSummary:
             seconds[name] = float(result["seconds"])
         if result.get("resumed_from_step"):
             resumed[name] = int(result["resumed_from_step"])
+    rounds, r = [], 1
+    while (done := stage(f"train_round_{r}")) is not None:
+        rounds.append(done)
+        r += 1
     return RunSummary(
-        run_id=run_id, teacher=str(teacher.get("source", "")), data_fingerprint=str((data or {}).get("fingerprint", "")),
+        rounds=rounds, run_id=run_id, teacher=str(teacher.get("source", "")), data_fingerprint=str((data or {}).get("fingerprint", "")),
         metrics=stage("evaluate") or {}, registered=stage("register"), sizes=sizes, loss_curves=curves,
         train_seconds=seconds, loss_curve_pngs=pngs, resumed_from=resumed,
     )
@@ -118,6 +123,8 @@ def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | No
         lines.append("No metrics yet (the evaluate stage has not finished).")
     lines.append("")
 
+    if s.rounds:
+        lines += _rounds_table(s.rounds)
     lines += ["## Storage", "", "| artifact | rows | tokens | bytes | bytes/token | folder |", "|---|---|---|---|---|---|"]
     for size in s.sizes:
         lines.append(f"| {size.label} | {_fmt(size.rows)} | {_fmt(size.tokens)} | {_fmt(size.bytes)} | "
@@ -142,12 +149,31 @@ def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | No
     return "\n".join(lines) + "\n"
 
 
+def _rounds_table(rounds: list[dict]) -> list[str]:
+    """Each on-policy round's metrics: the teacher's NLL per token of the samples the round trained on
+    (written by the student after the round before), and the mean of each loss part over its steps."""
+    parts = list(dict.fromkeys(k for r in rounds for k in r["metrics"] if not k.startswith("samples_")))
+    lines = ["## On-policy rounds", "",
+             "Teacher NLL: the teacher's mean NLL per token of the samples the round trained on (written by the "
+             "student after the round before; lower is better). Loss parts: means over the round's steps.", "",
+             "| round | steps to | teacher NLL of samples | sampled tokens | " + " | ".join(parts) + " | cache |",
+             "|---" * (len(parts) + 5) + "|"]
+    for r in rounds:
+        m = r["metrics"]
+        lines.append(f"| {r['round']} | {r['result']['steps']} | {_fmt(m.get('samples_teacher_nll'))} | "
+                     f"{_fmt(m.get('samples_tokens'))} | " + " | ".join(_fmt(m.get(p)) for p in parts) +
+                     f" | `{r['cache']['folder']}` |")
+    return lines + [""]
+
+
 def loss_table(history: list[dict], max_rows: int = 500) -> list[dict]:
     """At most ``max_rows`` evenly spaced records of a training history (first and last included),
-    values rounded to 6 significant digits: the rows of the loss table shown in the UI."""
+    values rounded to 6 significant digits: the rows of the loss table shown in the UI. Every row has every
+    column; a term a step did not train (a round's on-policy or other steps) is None there."""
     n = len(history)
     picked = history if n <= max_rows else [history[i * (n - 1) // (max_rows - 1)] for i in range(max_rows)]
-    return [{k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in record.items()} for record in picked]
+    columns = list(dict.fromkeys(k for record in picked for k in record))
+    return [{k: float(f"{v:.6g}") if isinstance(v, float) else v for k in columns for v in [record.get(k)]} for record in picked]
 
 
 def _model_order(metrics: dict) -> list[str]:

@@ -53,10 +53,13 @@ class RunRecord:
         """A finished stage's output; refuses a stage that has not finished and one whose recorded
         data or cache folder has been deleted since, each with the command that fixes it."""
         writer = WRITTEN_BY.get(stage, stage)
+        flags = ""
+        if (m := re.fullmatch(r"((?:sample|train)_round)_(\d+)", stage)):  # a round's stages: one record per round
+            writer, flags = m[1], f" --round {m[2]}"
         if not self.has_stage(stage):
             raise ConfigError(
                 f"stage {stage!r} has not finished for run {self.run_id}: run {writer} first "
-                f"(distillery stage {writer} CONFIG --run-id {self.run_id})."
+                f"(distillery stage {writer} CONFIG --run-id {self.run_id}{flags})."
             )
         output = self.storage.read_json(f"{self.folder}/stages/{stage}.json")
         gone = [rel for rel in _committed_files(stage, output) if not self.storage.exists(rel)]
@@ -65,7 +68,7 @@ class RunRecord:
                 f"stage {writer!r} finished for run {self.run_id} ({self.storage.url(self.folder)}/stages/{stage}.json), "
                 f"but its output was deleted since: {self.storage.url(gone[0])} is gone. Run it again with "
                 f"--refresh-cache, so that Prefect's task cache does not return the deleted result "
-                f"(distillery stage {writer} CONFIG --run-id {self.run_id} --refresh-cache), then this stage."
+                f"(distillery stage {writer} CONFIG --run-id {self.run_id}{flags} --refresh-cache), then this stage."
             )
         return output
 
@@ -84,6 +87,8 @@ def _committed_files(stage: str, output: Any) -> list[str]:
         return [f"{output['folder']}/{split}/{MANIFEST}" for split in ("train", "validation")]
     if stage.startswith("cache_"):
         return [f"{output['folder']}/{MANIFEST}"]
+    if stage.startswith("sample_round_"):
+        return [f"{output['cache']['folder']}/{MANIFEST}"]
     return []
 
 

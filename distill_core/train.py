@@ -78,7 +78,9 @@ def loss_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the loss terms on one step's batches, and each term's (unweighted) value.
 
-    One student forward per source serves every term on that source. ``temperatures`` maps a
+    One student forward per source serves every term on that source; terms whose source has no batch
+    this step are left out (a step of an on-policy round trains either the graded student samples or the
+    other sources, see :mod:`distill_core.rounds`). ``temperatures`` maps a
     source to the temperature its soft targets were taken at (1 when absent); ``length_penalty`` normalises the
     student's beam-candidate scores as the teacher's were. ``chunk_rows`` (``train.loss_chunk_rows``): the
     student runs only its body and the LM head and losses are computed that many positions at a time
@@ -86,7 +88,7 @@ def loss_step(
     values are then detached (logged, not differentiated); the total carries the gradient."""
     total: torch.Tensor | float = 0.0
     parts: dict[str, torch.Tensor] = {}
-    for source in dict.fromkeys(t.source for t in terms):
+    for source in dict.fromkeys(t.source for t in terms if t.source in batch):
         own = [t for t in terms if t.source == source]
         b = batch[source]
         labels = b.input_ids[:, 1:]
@@ -183,7 +185,7 @@ def body_and_head(model, input_ids: torch.Tensor, *, setting: str = "train.loss_
 
 
 def _part_name(term: LossTerm) -> str:
-    return f"{term.name}@samples" if term.on == "samples" else term.name
+    return f"{term.name}@{term.on}" if term.on != "data" else term.name
 
 
 def train_step(
@@ -224,8 +226,13 @@ def train(
     progress: Progress | None = None,
     fail_at_step: int | None = None,
     init: dict | None = None,
+    until: int | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.steps`` optimizer steps and save it under ``out``.
+
+    ``until``: stop after that step instead (a round of :mod:`distill_core.rounds`), with a checkpoint
+    there; ``student`` then holds the weights of that step and the result's ``model_folder`` is that
+    checkpoint. A later call resumes from it, on the same learning-rate schedule (over ``cfg.steps``).
 
     ``batches(skip)`` yields micro-batches after skipping ``skip`` of them (resume support).
     ``fail_at_step`` raises after that step's checkpoint logic: used by fault-injection tests.
@@ -245,10 +252,14 @@ def train(
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
     start, history = checkpoints.resume(student, optimizer, scheduler, storage, out)
+    end = cfg.steps if until is None else until
+    if not 0 < end <= cfg.steps or start > end:
+        raise ConfigError(f"training {out} to step {end} of {cfg.steps}, but its latest checkpoint is at step {start}: "
+                          "a stage of a later round ran; rerun the rounds from the first unfinished one.")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     stream = batches(start * cfg.grad_accum)
     tokens, t0 = 0, time.perf_counter()
-    for step in range(start, cfg.steps):
+    for step in range(start, end):
         micros = [world.shard(next(stream)).to(device) for _ in range(cfg.grad_accum)]
         sums = train_step(model, student, optimizer, micros, terms, cfg, temperatures=temperatures or {},
                           length_penalty=length_penalty, autocast=autocast, grad_sync=lambda last: world.grad_sync(model, last))
@@ -259,7 +270,7 @@ def train(
         history.append(record)
         if progress:
             progress(step + 1, cfg.steps, record)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end) and step + 1 < cfg.steps:
             if world.is_main:
                 checkpoints.save_checkpoint(student, optimizer, scheduler, history, storage, out, step + 1,
                                             keep=cfg.keep_checkpoints)
@@ -268,6 +279,9 @@ def train(
             raise RuntimeError(f"injected failure after step {fail_at_step}")
     seconds = time.perf_counter() - t0
     tokens = world.sum(tokens)
+    if end < cfg.steps:
+        return TrainResult(checkpoints.checkpoint_dir(out, end), end, history[-1]["loss"], history, seconds,
+                           tokens / max(seconds, 1e-9), init, resumed_from_step=start or None)
     result = TrainResult(f"{out}/model", cfg.steps, history[-1]["loss"], history, seconds, tokens / max(seconds, 1e-9),
                          init, resumed_from_step=start or None)
     if world.is_main:
@@ -300,8 +314,10 @@ def student_folder(kind: str, student_cfg, train_cfg: TrainConfig, terms: list[L
     from distill_core.storage import fingerprint
 
     # none of these change the result
-    train = train_cfg.model_dump(exclude={"baseline", "losses", "device", "loss_chunk_rows", "compile", "keep_checkpoints",
-                                          "keep_final_checkpoints"})
+    ignored = {"baseline", "losses", "device", "loss_chunk_rows", "compile", "keep_checkpoints", "keep_final_checkpoints"}
+    if not any(t.source == "student_samples" for t in terms):  # e.g. the CE-only baseline of an on-policy run
+        ignored |= {"rounds", "round_steps", "on_policy_fraction"}
+    train = train_cfg.model_dump(exclude=ignored)
     fp = fingerprint({"student": student_cfg.model_dump(), "train": train, "terms": [t.model_dump() for t in terms], **inputs})
     return f"students/{fp}/{kind}"
 
@@ -321,13 +337,35 @@ def train_student(
     """Build the student from the teacher, train it on the sources its terms need, save it.
 
     ``caches`` maps "topk" / "samples" / "beams" to CacheRefs; each term's source must be there."""
-    from distill_core.batches import beams_stream, samples_stream, step_batches, topk_stream
-    from distill_core.cache.ref import check_compatible
-    from distill_core.student import build_student, check_vocab, student_from_pretrained
-    from distill_core.teacher.load import load_teacher, load_tokenizer
+    from distill_core.batches import step_batches
 
-    caches = caches or {}
-    sources = sorted({t.source for t in terms})
+    used, inputs = used_caches(name, terms, caches or {}, teacher_ref, data)
+    own_tokenizer = student_own_tokenizer(student_cfg, storage, teacher_ref)
+    if own_tokenizer is not None:
+        from distill_core.teacher.load import tokenizer_hash
+
+        inputs["student_tokenizer"] = tokenizer_hash(own_tokenizer)  # what the name points at, not the name
+    out = student_folder(name, student_cfg, train_cfg, terms, inputs)
+    if (done := finished(storage, out, train_cfg)) is not None:
+        return done
+    if own_tokenizer is not None:
+        return _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, own_tokenizer,
+                                    out, progress, fail_at_step)
+    student, tokenizer, init = initial_student(student_cfg, train_cfg, storage, teacher_ref, data)
+    batches = step_batches(source_streams(terms, storage, data, used, train_cfg), train_cfg.batch_size,
+                           pad_id=tokenizer.pad_token_id)
+    return train(student, batches, train_cfg, terms, storage, out, temperatures=source_temperatures(used, train_cfg),
+                 length_penalty=used["beams"].meta["length_penalty"] if "beams" in used else 1.0,
+                 tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)
+
+
+def used_caches(name: str, terms: list[LossTerm], caches: dict, teacher_ref, data) -> tuple[dict, dict]:
+    """The teacher caches these terms train on ({kind: CacheRef}, each checked against the teacher and
+    data), and the inputs that address the student trained on them. The graded student samples of
+    on-policy rounds are not among them: each round writes its own."""
+    from distill_core.cache.ref import check_compatible
+
+    sources = {t.source for t in terms}
     needed = {"topk": any(t.source == "data" and t.name != "ce" for t in terms), "samples": "samples" in sources, "beams": "beams" in sources}
     for kind, need in needed.items():
         if need and kind not in caches:
@@ -336,57 +374,73 @@ def train_student(
     for cache in used.values():
         check_compatible(cache, data, teacher_ref.fingerprint)
     inputs = {"teacher": teacher_ref.fingerprint, "data": data.fingerprint, "caches": {k: c.fingerprint for k, c in used.items()}}
-    own_tokenizer = None
-    if student_cfg.tokenizer is not None:
-        from distill_core.student import load_student_tokenizer, tokenizer_case
+    return used, inputs
 
-        own_tokenizer = load_student_tokenizer(student_cfg.tokenizer, storage)
-        if tokenizer_case(load_tokenizer(teacher_ref, storage), own_tokenizer) == "same":
-            own_tokenizer = None  # the teacher's tokenizer under another name: distil per token id, as without it
-        else:
-            from distill_core.teacher.load import tokenizer_hash
 
-            inputs["student_tokenizer"] = tokenizer_hash(own_tokenizer)  # what the name points at, not the name
-    out = student_folder(name, student_cfg, train_cfg, terms, inputs)
-    if (done := finished(storage, out, train_cfg)) is not None:
-        return done
-    if own_tokenizer is not None:
-        return _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, sources, own_tokenizer,
-                                    out, progress, fail_at_step)
-    if student_cfg.init == "pretrained":
+def student_own_tokenizer(student_cfg, storage: Storage, teacher_ref):
+    """The tokenizer ``student.tokenizer`` names when it differs from the teacher's, else None (unset, or
+    the teacher's tokenizer under another name: distillation per token id, as without it)."""
+    if student_cfg.tokenizer is None:
+        return None
+    from distill_core.student import load_student_tokenizer, tokenizer_case
+    from distill_core.teacher.load import load_tokenizer
+
+    own = load_student_tokenizer(student_cfg.tokenizer, storage)
+    return None if tokenizer_case(load_tokenizer(teacher_ref, storage), own) == "same" else own
+
+
+def initial_student(student_cfg, train_cfg: TrainConfig, storage: Storage, teacher_ref, data, student_tokenizer=None):
+    """(student, tokenizer, init record or None): the student ``student_cfg`` builds from the teacher;
+    with ``student_tokenizer`` (its own, other than the teacher's) its vocabulary is that tokenizer's and
+    the tokenizer returned is the teacher's."""
+    from distill_core.student import build_student, check_vocab, student_from_pretrained
+    from distill_core.teacher.load import load_teacher, load_tokenizer
+
+    if student_cfg.init == "pretrained" and student_tokenizer is None:
         # The teacher's weights play no part here: its ref has the vocabulary and tokenizer to check.
         student = student_from_pretrained(student_cfg.pretrained, teacher_ref.vocab_size, teacher_ref.tokenizer_hash, storage=storage)
-        tokenizer = load_tokenizer(teacher_ref, storage)
-        init = None
-    else:
-        teacher, tokenizer = load_teacher(teacher_ref, storage)
-        init = plan = None
-        if student_cfg.init == "pruned":
-            from distill_core.data import first_train_sequences
-            from distill_core.pruning.plan import plan_of, plan_student
+        return student, load_tokenizer(teacher_ref, storage), None
+    teacher, tokenizer = load_teacher(teacher_ref, storage)
+    init = plan = None
+    if student_cfg.init == "pruned":
+        from distill_core.data import first_train_sequences
+        from distill_core.pruning.plan import plan_of, plan_student
 
-            record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
-                                  lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
-            plan = plan_of(record)
-            init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
+        record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
+                              lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
+        plan = plan_of(record)
+        init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
+    if student_tokenizer is not None:
+        student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan, storage=storage,
+                                tokenizers=(tokenizer, student_tokenizer))
+    else:
         student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan)
         check_vocab(student, teacher)
-        del teacher
+    return student, tokenizer, init
+
+
+def source_streams(terms: list[LossTerm], storage: Storage, data, used: dict, train_cfg: TrainConfig) -> dict:
+    """{source: RowStream} for the data, samples and beams sources of ``terms``."""
+    from distill_core.batches import beams_stream, samples_stream, topk_stream
+
+    sources, seed = {t.source for t in terms}, train_cfg.seed
     streams = {}
-    topk_temperature = _topk_temperature(used.get("topk"), train_cfg)
     if "data" in sources:
-        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed, temperature=topk_temperature)
+        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=seed, temperature=_topk_temperature(used.get("topk"), train_cfg))
     if "samples" in sources:
-        streams["samples"] = samples_stream(storage, data, used["samples"], seed=train_cfg.seed)
+        streams["samples"] = samples_stream(storage, data, used["samples"], seed=seed)
     if "beams" in sources:
-        streams["beams"] = beams_stream(storage, data, used["beams"], seed=train_cfg.seed)
-    temperatures = {"data": topk_temperature}
+        streams["beams"] = beams_stream(storage, data, used["beams"], seed=seed)
+    return streams
+
+
+def source_temperatures(used: dict, train_cfg: TrainConfig) -> dict[str, float]:
+    """The temperature each source's soft targets are taken at: the top-k cache's at train.temperature
+    (or its capture temperature), samples' at their capture temperature."""
+    temperatures = {"data": _topk_temperature(used.get("topk"), train_cfg)}
     if "samples" in used:
         temperatures["samples"] = used["samples"].meta["soft_temperature"]
-    length_penalty = used["beams"].meta["length_penalty"] if "beams" in used else 1.0
-    batches = step_batches(streams, train_cfg.batch_size, pad_id=tokenizer.pad_token_id)
-    return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures, length_penalty=length_penalty,
-                 tokenizer=tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)
+    return temperatures
 
 
 def _topk_temperature(cache, train_cfg: TrainConfig) -> float:
@@ -403,45 +457,24 @@ def _topk_temperature(cache, train_cfg: TrainConfig) -> float:
     return float(tau)
 
 
-def _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, sources, student_tokenizer, out,
+def _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_ref, data, used, student_tokenizer, out,
                          progress, fail_at_step) -> TrainResult:
     """:func:`train_student` for a student with its own tokenizer (``student.tokenizer``): built with its
     vocabulary, trained on the teacher rows' text in its tokens (:mod:`distill_core.retokenize`), saved
     with its tokenizer."""
-    from distill_core.batches import samples_stream, step_batches, topk_stream
+    from distill_core.batches import step_batches
     from distill_core.retokenize import Retokenizer
-    from distill_core.student import build_student
-    from distill_core.teacher.load import load_teacher
 
     strategy = used["topk"].meta.get("strategy", "topk") if "topk" in used else "topk"
     if strategy != "topk":
         raise ConfigError(f"student.tokenizer carries the teacher's top-k across vocabularies, but this top-k cache holds "
                           f"{strategy!r} targets: set topk.strategy to 'topk', or leave student.tokenizer unset.")
-    topk_temperature = _topk_temperature(used.get("topk"), train_cfg)
-    teacher, teacher_tokenizer = load_teacher(teacher_ref, storage)
-    init = plan = None
-    if student_cfg.init == "pruned":
-        from distill_core.data import first_train_sequences
-        from distill_core.pruning.plan import plan_of, plan_student
-
-        record = plan_student(teacher, student_cfg, train_cfg, storage, teacher_ref.fingerprint, data.fingerprint,
-                              lambda n: torch.from_numpy(first_train_sequences(storage, data, n)))
-        plan = plan_of(record)
-        init = {"init": "pruned", **{k: v for k, v in record.items() if k != "plan"}}
-    student = build_student(teacher, student_cfg, seed=train_cfg.seed, plan=plan, storage=storage,
-                            tokenizers=(teacher_tokenizer, student_tokenizer))
-    del teacher
+    student, teacher_tokenizer, init = initial_student(student_cfg, train_cfg, storage, teacher_ref, data, student_tokenizer)
     context = getattr(student.config, "n_positions", None) or getattr(student.config, "max_position_embeddings", None)
     retok = Retokenizer(teacher_tokenizer, student_tokenizer, max_len=context)
     pad = student_tokenizer.pad_token_id
-    streams, collate = {}, {}
-    if "data" in sources:
-        streams["data"] = topk_stream(storage, data, used.get("topk"), seed=train_cfg.seed, temperature=topk_temperature)
-        collate["data"] = lambda rows: retok.collate_data(rows, pad)
-    if "samples" in sources:
-        streams["samples"] = samples_stream(storage, data, used["samples"], seed=train_cfg.seed)
-        collate["samples"] = lambda rows: retok.collate_samples(rows, pad)
-    temperatures = {"data": topk_temperature}
-    batches = step_batches(streams, train_cfg.batch_size, pad_id=pad, collate=collate)
-    return train(student, batches, train_cfg, terms, storage, out, temperatures=temperatures,
+    streams = source_streams([t for t in terms if t.source in ("data", "samples")], storage, data, used, train_cfg)
+    collate = {"data": lambda rows: retok.collate_data(rows, pad), "samples": lambda rows: retok.collate_samples(rows, pad)}
+    batches = step_batches(streams, train_cfg.batch_size, pad_id=pad, collate={k: v for k, v in collate.items() if k in streams})
+    return train(student, batches, train_cfg, terms, storage, out, temperatures=source_temperatures(used, train_cfg),
                  tokenizer=student_tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)

@@ -11,7 +11,7 @@ import sys
 
 from distill_core.config import RunConfig, load_config
 from distill_core import errors
-from distill_core.errors import DistilleryError
+from distill_core.errors import ConfigError, DistilleryError
 from distill_core.storage import Storage
 
 
@@ -127,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-id", default=None)
     run.add_argument("--refresh-cache", action="store_true", help=REFRESH_HELP)
     stage = sub.add_parser("stage", help="run one stage on an existing run id")
-    stage.add_argument("name", choices=["prepare_data", "cache_topk", "cache_samples", "cache_beams", "train_student", "evaluate", "register"])
+    stage.add_argument("name", choices=["prepare_data", "cache_topk", "cache_samples", "cache_beams", "sample_round", "train_round",
+                                        "train_student", "evaluate", "register"])
     stage.add_argument("config")
     stage.add_argument("--run-id", required=True)
     stage.add_argument("--refresh-cache", action="store_true", help=REFRESH_HELP)
+    stage.add_argument("--round", type=int, default=None, help="sample_round / train_round: the on-policy round (1..train.rounds)")
     fidelity = sub.add_parser("fidelity", help="before a long capture: each top-k strategy's fidelity and projected size")
     fidelity.add_argument("config")
     fidelity.add_argument("--run-id", required=True)
@@ -166,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             from flows.stages import STAGES
 
             config = load_config(args.config)
+            rounds = args.name in ("sample_round", "train_round")
+            if rounds != (args.round is not None):
+                raise ConfigError(f"--round goes with the stages sample_round and train_round only; {args.name} "
+                                  f"{'needs it' if rounds else 'takes none'}.")
             server_ends_with_this_process()
-            out = configured(STAGES[args.name], config)(run_id=args.run_id, config=config)
+            out = configured(STAGES[args.name], config)(run_id=args.run_id, config=config, **({"round": args.round} if rounds else {}))
             print(json.dumps(out, indent=2, default=str))
         elif args.command == "fidelity":
             from flows.stages import topk_fidelity_flow

@@ -9,6 +9,7 @@ from prefect import allow_failure, flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from distill_core.config import RunConfig, caches_for
+from distill_core.errors import ConfigError
 from flows.lock import holds_run_lock
 from flows.naming import run_name
 from flows.overrides import merges_deployment_config
@@ -17,6 +18,7 @@ from tasks.evaluate import evaluate
 from tasks.record import read_caches, read_stage, record_stage, start_run
 from tasks.registry import register_student
 from tasks.repair import repair_damaged
+from tasks.rounds import sample_round, train_round
 from tasks.teacher import cache_shard, commit_cache, plan_cache, preflight, resolve_teacher, topk_fidelity
 from tasks.train import train_student
 
@@ -125,11 +127,72 @@ def cache_beams_flow(run_id: str, config: RunConfig, recompute_damaged: bool = F
     return _cache_stage("beams", config, run_id, recompute_damaged)
 
 
+@flow(name="sample-round", flow_run_name=run_name("sample-round"))
+@merges_deployment_config
+@holds_run_lock
+def sample_round_flow(run_id: str, config: RunConfig, round: int = 1, recompute_damaged: bool = False) -> dict:  # noqa: A002
+    """On-policy round: the student as it is after the previous round continues train prompts, and the
+    teacher grades every written position (its top-k soft targets). Round 1 samples with the starting
+    student (built as configured, or the registered champion with student_samples.policy champion).
+
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+        round: The round, 1 to train.rounds; round r needs train_round r-1 finished.
+        recompute_damaged: First check the data shards and this round's cache shards against their
+            checksums, drop the damaged ones and compute them again.
+    """
+    _check_round(config, round)
+    teacher = read_stage(config, run_id, "teacher")
+    data = read_stage(config, run_id, "prepare_data")
+    caches = read_caches(config, run_id)
+    start = None if round == 1 else read_stage(config, run_id, "sample_round_1")
+    sampled = sample_round(round, config, teacher, data, caches, start, recompute_damaged)
+    record_stage(config, run_id, f"sample_round_{round}", sampled)
+    return sampled
+
+
+@flow(name="train-round", flow_run_name=run_name("train-round"))
+@merges_deployment_config
+@holds_run_lock
+def train_round_flow(run_id: str, config: RunConfig, round: int = 1) -> dict:  # noqa: A002
+    """On-policy round: the student trains train.round_steps steps on its graded samples (a share
+    train.on_policy_fraction of the steps) and the other loss parts' sources; a rerun resumes at the
+    step it reached.
+
+    Args:
+        run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
+            recorded, e.g. smollm2-student-20261201-1a2b3c4d. `distillery run` prints it first; a nightly
+            run shows it in its report artifact ("distillation run <run_id>") and its result.
+        config: The run config (the same for every stage of a run).
+        round: The round, 1 to train.rounds; it trains on sample_round's cache of the same round.
+    """
+    _check_round(config, round)
+    teacher = read_stage(config, run_id, "teacher")
+    data = read_stage(config, run_id, "prepare_data")
+    caches = read_caches(config, run_id)
+    sampled = read_stage(config, run_id, f"sample_round_{round}")
+    trained = train_round(round, config, teacher, data, caches, sampled)
+    record_stage(config, run_id, f"train_round_{round}", trained)
+    return trained
+
+
+def _check_round(config: RunConfig, round_: int) -> None:
+    if not config.train.on_policy:
+        raise ConfigError("this run trains in no on-policy rounds (no loss part has on: student_samples): "
+                          "run train_student instead.")
+    if not 1 <= round_ <= config.train.rounds:
+        raise ConfigError(f"round {round_} is not one of this run's rounds 1..{config.train.rounds}: pick one of them.")
+
+
 @flow(name="train-student", flow_run_name=run_name("train-student"))
 @merges_deployment_config
 @holds_run_lock
 def train_flow(run_id: str, config: RunConfig) -> dict:
-    """The distilled student and, when configured, a CE-only baseline with the same budget.
+    """The distilled student and, when configured, a CE-only baseline with the same budget. A student in
+    on-policy rounds is trained by the rounds' stages: its result is the last train_round's.
 
     Args:
         run_id: The run to work on: the folder name under runs/ in the storage root that the earlier stages
@@ -144,7 +207,10 @@ def train_flow(run_id: str, config: RunConfig) -> dict:
     results = {
         name: train_student(name, terms, caches={k: caches[k] for k in caches_for(terms)}, **common)
         for name, terms in config.train.students().items()
+        if not (name == "student" and config.train.on_policy)
     }
+    if config.train.on_policy:
+        results = {"student": read_stage(config, run_id, f"train_round_{config.train.rounds}")["result"], **results}
     record_stage(config, run_id, "train_student", results)
     return results
 
@@ -192,7 +258,8 @@ def register_flow(run_id: str, config: RunConfig) -> dict:
     caches = read_caches(config, run_id)
     trained = read_stage(config, run_id, "train_student")
     metrics = read_stage(config, run_id, "evaluate")
-    registered = register_student(config, run_id, teacher, data, caches, trained["student"], metrics)
+    rounds = [read_stage(config, run_id, f"train_round_{r}") for r in range(1, config.train.rounds + 1)] if config.train.on_policy else None
+    registered = register_student(config, run_id, teacher, data, caches, trained["student"], metrics, rounds)
     record_stage(config, run_id, "register", registered)
     return registered
 
@@ -202,6 +269,8 @@ STAGES = {
     "cache_topk": cache_topk_flow,
     "cache_samples": cache_samples_flow,
     "cache_beams": cache_beams_flow,
+    "sample_round": sample_round_flow,
+    "train_round": train_round_flow,
     "train_student": train_flow,
     "evaluate": evaluate_flow,
     "register": register_flow,

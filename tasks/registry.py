@@ -16,8 +16,9 @@ from tasks.common import storage_of, transient
 
 @task(name="register", retries=1, retry_condition_fn=transient)
 def register_student(config: RunConfig, run_id: str, teacher: dict, data: dict, caches: dict[str, dict],
-                     student: dict, metrics: dict) -> dict:
-    """Register ``student`` (a train result) unless this very model is registered already."""
+                     student: dict, metrics: dict, rounds: list[dict] | None = None) -> dict:
+    """Register ``student`` (a train result) unless this very model is registered already. ``rounds``:
+    the on-policy rounds' records; the lineage keeps each round's student and graded-samples cache."""
     from transformers import AutoTokenizer
 
     storage = storage_of(config.storage)
@@ -40,6 +41,11 @@ def register_student(config: RunConfig, run_id: str, teacher: dict, data: dict, 
         "flow_run_id": str(flow_run.id or ""),
         "code_version": CODE_VERSION,
     }
+    if rounds:
+        lineage["rounds"] = [{"round": r["round"], "student_folder": r["student_folder"], "student_fingerprint": r["student_fingerprint"],
+                              "sampled_by": r["cache"]["meta"]["student_fingerprint"], "cache": r["cache"]["folder"]}
+                             for r in rounds]
+        lineage["caches"] += [r["cache"]["folder"] for r in rounds]
     if student.get("init"):  # pruned students: kept layers and widths, importance scores, search candidates
         lineage["init"] = student["init"]
     summary = {k: v for k, v in metrics["student"].items() if isinstance(v, (int, float))}

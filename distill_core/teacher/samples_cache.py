@@ -41,13 +41,23 @@ def samples_job(cfg: SamplesConfig, teacher: dict, data: DataRef) -> ShardJob:
             "finish_reason": pa.array([r.finish_reason for r in results], pa.string()),
         }
         if cfg.soft_topk:
-            columns["topk_ids"] = pa.array([r.topk_ids.numpy().astype(ids_np).reshape(-1) for r in results], pa.list_(ids_type))
-            # float16 keeps ~3 significant digits of a log-probability: ample for targets, half the bytes.
-            columns["topk_logprobs"] = pa.array([r.topk_logprobs.numpy().astype(np.float16).reshape(-1) for r in results], pa.list_(pa.float16()))
-            columns["tail_logprob"] = pa.array([r.tail_logprob.numpy().astype(np.float32) for r in results], pa.list_(pa.float32()))
+            columns.update(soft_columns([(r.topk_ids, r.topk_logprobs, r.tail_logprob) for r in results], ids_type))
         return pa.table(columns)
 
     return ShardJob(ref=p.ref, rows=cfg.num_prompts, compute=compute)
+
+
+def soft_columns(rows: list[tuple], ids_type: pa.DataType) -> dict[str, pa.Array]:
+    """The soft-target columns of completion rows: each row's (ids [n, k], logprobs [n, k], tail [n]) top-k
+    at its n completion positions (tensors or arrays), flattened one list per row; read back by
+    :func:`read_samples_table`."""
+    ids_np = ids_type.to_pandas_dtype()
+    return {
+        "topk_ids": pa.array([np.asarray(ids).astype(ids_np).reshape(-1) for ids, _, _ in rows], pa.list_(ids_type)),
+        # float16 keeps ~3 significant digits of a log-probability: ample for targets, half the bytes.
+        "topk_logprobs": pa.array([np.asarray(lps).astype(np.float16).reshape(-1) for _, lps, _ in rows], pa.list_(pa.float16())),
+        "tail_logprob": pa.array([np.asarray(tail).astype(np.float32) for _, _, tail in rows], pa.list_(pa.float32())),
+    }
 
 
 def samples_columns(soft_k: int) -> tuple[str, ...]:

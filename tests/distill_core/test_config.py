@@ -94,3 +94,42 @@ def test_targets_the_strategy_cannot_give_are_refused_when_parsed(raw, message):
 ])
 def test_targets_the_strategy_gives_are_accepted(raw):
     assert isinstance(parse_config(raw), RunConfig)
+
+
+# -- on-policy rounds ------------------------------------------------------------------------------
+_ON_POLICY = [{"name": "reverse_kl", "on": "student_samples"}, {"name": "ce"}]
+
+
+def test_on_policy_rounds_default_to_equal_rounds_and_stay_off_the_teacher_caches():
+    cfg = parse_config({"train": {"losses": _ON_POLICY, "steps": 12, "rounds": 3}})
+    assert cfg.train.on_policy and cfg.train.steps_per_round == 4
+    assert cfg.train.losses[0].source == "student_samples"
+    assert cfg.train.caches() == []  # ce alone: no teacher cache at the start; each round grades its own
+    assert cfg.student_samples.policy == "init"
+    plain = parse_config({})
+    assert not plain.train.on_policy and plain.train.rounds == 1
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"rounds": 2, "steps": 4}, "no loss part has on: student_samples"),
+    ({"round_steps": 2, "steps": 4}, "round_steps is set but no loss part"),
+    ({"losses": _ON_POLICY, "rounds": 2, "round_steps": 3, "steps": 4}, r"= 6, but train.steps is 4"),
+    ({"losses": _ON_POLICY, "rounds": 3, "steps": 4}, "does not divide into train.rounds 3"),
+    ({"losses": _ON_POLICY, "on_policy_fraction": 0.0}, "on_policy_fraction is 0"),
+    ({"losses": _ON_POLICY, "on_policy_fraction": 1.0}, r"parts \['ce'\] never train"),
+    ({"losses": _ON_POLICY[:1], "on_policy_fraction": 0.5}, "every loss part is on student_samples"),
+    ({"losses": _ON_POLICY, "on_policy_fraction": 1.5}, "train.on_policy_fraction"),
+    ({"losses": [{"name": "seqkd", "on": "student_samples"}]}, "on=student_samples applies to soft-target terms"),
+])
+def test_bad_round_settings_are_refused_with_the_fix(train, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"train": train})
+
+
+def test_student_samples_prompt_must_fit_and_champion_needs_the_file_registry():
+    with pytest.raises(ConfigError, match="student_samples.prompt_len 32 must be below data.seq_len 16"):
+        parse_config({"data": {"seq_len": 16}, "train": {"losses": _ON_POLICY}})
+    with pytest.raises(ConfigError, match="policy 'champion' reads the champion from the file registry"):
+        parse_config({"student_samples": {"policy": "champion"}, "registry": {"kind": "mlflow"}})
+    with pytest.raises(ConfigError, match="student_samples.policy"):
+        parse_config({"student_samples": {"policy": "latest"}})

@@ -115,6 +115,13 @@ def test_the_student_tokenizer_case_is_named(tmp_path, local, tiny_teacher_dir, 
     beams = {"losses": [{"name": "ce"}, {"name": "beam_rank"}]}
     with pytest.raises(ConfigError, match=r"another vocabulary \(300 tokens; the teacher's has 384\).*\['beam_rank'\] have no cross-tokenizer form"):
         check_run(_config(storage, str(tiny_teacher_dir), student={"init": "config", "tokenizer": str(small_dir)}, train=beams), ref)
+    own = {"init": "config", "tokenizer": str(small_dir)}
+    on_policy = {"losses": [{"name": "ce"}, {"name": "reverse_kl", "on": "student_samples"}], "rounds": 2}
+    with pytest.raises(ConfigError, match=r"\['reverse_kl@student_samples'\] have no cross-tokenizer form"):
+        check_run(_config(storage, str(tiny_teacher_dir), student=own, train=on_policy, data={"seq_len": 64}), ref)
+    sampled = {"losses": [{"name": "ce"}, {"name": "forward_kl"}]}
+    with pytest.raises(ConfigError, match="topk.strategy is 'sampled': set topk.strategy to 'topk'"):
+        check_run(_config(storage, str(tiny_teacher_dir), student=own, train=sampled, topk={"strategy": "sampled"}), ref)
     with pytest.raises(TeacherError, match="cannot load student.tokenizer"):
         check_run(_config(storage, str(tiny_teacher_dir), student={"init": "config", "tokenizer": str(tmp_path / "none")}), ref)
     with pytest.raises(TeacherError, match="has 384 tokens but the pretrained student .* only 300 logits"):
