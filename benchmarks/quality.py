@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--config deployments/demo.yaml] [--steps N] [--root DIR] [--only a,b]
                                  [--validation-sequences N] [--eval-prompts N] [--inits a,b] [--lrs x,y]
+                                 [--strategies a,b] [--on-policy ROUNDS] [--cross-tokenizer VOCAB]
 
 Rows: the teacher; a CE-only student; soft-KD (top-k forward KL + CE); SeqKD (CE on teacher
 samples + CE); SeqKD + soft targets on the samples; beam_top1 (+ CE); beam_top1 + beam_rank (+ CE).
@@ -10,6 +11,12 @@ beams add one micro-batch from that cache per step. Columns: validation perplexi
 KL with the teacher, the teacher's NLL of each model's samples on held-out prompts, and how often a
 student's top-scored beam candidate is the teacher's best. Every stage is content-addressed under
 the storage root, so a rerun reuses the teacher, data, caches and finished students.
+
+``--on-policy R``: off-policy soft KD vs on-policy rounds (reverse KL on the student's own samples
+graded by the teacher, R rounds) vs the mix, with the teacher's NLL of each model's own samples on
+held-out prompts (paired intervals over prompts). ``--cross-tokenizer V``: students with a V-token
+byte-level BPE trained on the train split (CE-only, SeqKD, soft KD = exact-match KL + ULD + CE), in
+bits per byte of the validation text.
 
 With ``--inits`` (names from INITS, or ``all``) and ``--lrs``, every objective is trained from every
 student init at every learning rate instead (equal steps and batch for all), and two more tables
@@ -79,6 +86,11 @@ def main() -> None:
     parser.add_argument("--inits", default=None, help="comma-separated student inits from INITS (or 'all'): the init grid")
     parser.add_argument("--strategies", default=None, help="comma-separated top-k strategies from TOPK_STRATEGIES (or 'all')")
     parser.add_argument("--lrs", default=None, help="comma-separated peak learning rates of the init grid (default: the config's)")
+    parser.add_argument("--on-policy", type=int, default=0, metavar="ROUNDS",
+                        help="on-policy grid in ROUNDS rounds: off-policy soft KD vs on-policy rounds vs the mix")
+    parser.add_argument("--cross-tokenizer", type=int, default=0, metavar="VOCAB",
+                        help="cross-tokenizer grid: students with a byte-level BPE of VOCAB tokens trained on the train split")
+    parser.add_argument("--round-prompts", type=int, default=48, help="prompts the student continues each round (--on-policy)")
     args = parser.parse_args()
     cfg = load_config(args.config)
     if args.validation_sequences:
@@ -101,7 +113,7 @@ def main() -> None:
     loaded = {}
     load = lambda: loaded.setdefault("m", load_teacher(teacher, storage, device=device, dtype=getattr(torch, teacher.dtype))[0])  # noqa: E731
     jobs = {"topk": topk_job(cfg.topk, teacher.to_dict(), data)}
-    sources = {t.source for terms in objectives.values() for t in terms}
+    sources = {t.source for terms in objectives.values() for t in terms} | ({"samples"} if args.cross_tokenizer else set())
     if "samples" in sources:
         jobs["samples"] = samples_job(cfg.samples, teacher.to_dict(), data)
     if "beams" in sources:
@@ -114,6 +126,10 @@ def main() -> None:
     loaded.clear()
     print(f"teacher, data and caches ready in {time.perf_counter() - t0:.0f} s")
 
+    if args.cross_tokenizer:
+        return cross_tokenizer_grid(args, cfg, train_cfg, storage, teacher, data, caches, device)
+    if args.on_policy:
+        return on_policy_grid(args, cfg, train_cfg, storage, teacher, data, caches, load, device)
     if args.strategies:
         return strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device)
     if args.inits:
@@ -228,6 +244,147 @@ def strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device) ->
         for name in (n for n in names if n != "topk"):
             r = paired(metrics[name], metrics["topk"], resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed).ratio
             print(f"ppl {name} / topk (paired): {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]")
+
+
+# Cross-tokenizer rows (a student with its own tokenizer): GOLD's hybrid is exact-match KL + ULD.
+CROSS_TOKENIZER = {
+    "ce_only": OBJECTIVES["ce_only"],
+    "seqkd": OBJECTIVES["seqkd"],
+    "soft_kd": [T(name="forward_kl", weight=0.25), T(name="uld", weight=0.25), T(name="ce", weight=0.5)],
+}
+
+
+def train_split_tokenizer(storage, data, teacher, vocab_size: int, folder: str) -> str:
+    """A byte-level BPE of ``vocab_size`` tokens trained on the train split's text (decoded from the
+    teacher's tokens), saved under ``folder`` of the storage root; returns its local path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill_core.data import first_train_sequences
+
+    local = storage.local_path(folder)
+    if (local / "tokenizer.json").exists():
+        return str(local)
+    teacher_tokenizer = load_tokenizer(teacher, storage)
+    texts = teacher_tokenizer.batch_decode(first_train_sequences(storage, data, data.train_rows), skip_special_tokens=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                               show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>").save_pretrained(local)
+    return str(local)
+
+
+def cross_tokenizer_grid(args, cfg, train_cfg, storage, teacher, data, caches, device) -> None:
+    """The teacher into students with their own tokenizer (a byte-level BPE trained on the train split):
+    CE-only vs SeqKD vs cross-tokenizer soft KD (same init, steps and learning rate), scored in bits per
+    byte of the same validation text (the teacher included), with paired 95% intervals."""
+    folder = train_split_tokenizer(storage, data, teacher, args.cross_tokenizer, f"benchmarks/tokenizers/bpe-{args.cross_tokenizer}")
+    student_cfg = cfg.student.model_copy(update={"tokenizer": folder})
+    folders = {}
+    for name, terms in CROSS_TOKENIZER.items():
+        t0 = time.perf_counter()
+        folders[name] = train_student(name, terms, student_cfg, train_cfg, storage, teacher, data,
+                                      {k: v for k, v in caches.items() if k in ("topk", "samples")}).model_folder
+        print(f"{name}: {train_cfg.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device, baseline="ce_only")
+    print(f"\nHeld-out: {metrics['teacher']['val_sequences']} validation sequences, scored per byte of their text; students "
+          f"with a {args.cross_tokenizer}-token byte-level BPE trained on the train split, {train_cfg.steps} steps × "
+          f"{train_cfg.batch_size} sequences (+ one samples micro-batch per step for seqkd).")
+    print("| model | loss parts | params | val bits/byte [95% CI] | per-byte ppl / CE-only [95% CI] |")
+    print("|---|---|---|---|---|")
+    for name in ["teacher", *CROSS_TOKENIZER]:
+        m = metrics[name]
+        terms = " + ".join(f"{t.weight}·{t.name}" for t in CROSS_TOKENIZER.get(name, []))
+        print(f"| {name} | {terms or '-'} | {m['params'] / 1e6:.1f}M | {_ci(m, 'val_bpb', '{:.3f}')} | "
+              f"{_ci(m, 'ppl_ratio_vs_baseline', '{:.3f}')} |")
+    r = paired(metrics["soft_kd"], metrics["seqkd"], resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed).ratio
+    print(f"per-byte ppl soft_kd / seqkd (paired): {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]")
+
+
+# On-policy rows: the student's own samples graded by the teacher (reverse KL, as MiniLLM / GKD), in rounds.
+ON_POLICY = {
+    "soft_kd": (OBJECTIVES["soft_kd"], 0.0),
+    "on_policy": ([T(name="reverse_kl", on="student_samples", weight=0.5), T(name="ce", weight=0.5)], 0.5),
+    "mix": ([T(name="reverse_kl", on="student_samples", weight=0.5), T(name="forward_kl", weight=0.5), T(name="ce", weight=0.5)], 0.5),
+}
+
+
+def on_policy_grid(args, cfg, train_cfg, storage, teacher, data, caches, load, device) -> None:
+    """Off-policy soft KD vs on-policy rounds vs their mix vs CE-only (same init, steps and learning
+    rate): validation perplexity and the teacher's NLL of each student's own samples on held-out prompts,
+    with paired 95% bootstrap intervals (over validation sequences, and over prompts)."""
+    from distill_core.config import StudentSamplesConfig
+    from distill_core.evaluate import evaluate, held_out_prompts, load_model
+    from distill_core.generation_metrics import teacher_nll_per_prompt
+    from distill_core.intervals import bootstrap_indices, percentile_interval
+    from distill_core.rounds import rounds_folder, sample_round, start_rounds, train_round
+    from distill_core.teacher import grade
+    from distill_core.teacher.load import load_teacher as load_with_tokenizer
+    from distill_core.teacher.sample import sample
+
+    rounds = args.on_policy
+    samples_cfg = StudentSamplesConfig(prompt_len=32, num_prompts=args.round_prompts, max_new_tokens=32, batch_size=16)
+    folders = {"ce_only": train_student("ce_only", OBJECTIVES["ce_only"], cfg.student, train_cfg, storage, teacher, data).model_folder}
+    seq_tokens = data.train_rows * data.seq_len
+    teacher_tokens = {"ce_only": 0}
+    for name, (terms, fraction) in ON_POLICY.items():
+        t0 = time.perf_counter()
+        if fraction == 0.0:
+            folders[name] = train_student(name, terms, cfg.student, train_cfg, storage, teacher, data, caches).model_folder
+            teacher_tokens[name] = seq_tokens
+        else:
+            rcfg = train_cfg.model_copy(update={"losses": terms, "rounds": rounds, "round_steps": None,
+                                                "on_policy_fraction": fraction})
+            rcfg = type(rcfg).model_validate(rcfg.model_dump())
+            out, used = rounds_folder(name, terms, cfg.student, rcfg, samples_cfg, cfg.topk, teacher, data, caches, None)
+            start_rounds(out, cfg.student, rcfg, storage, teacher, data, None)
+            graded_tokens = 0
+            for r in range(1, rounds + 1):
+                graded = sample_round(r, out, samples_cfg, cfg.topk, teacher.to_dict(), data, storage, load)
+                record = train_round(r, name, terms, out, rcfg, storage, teacher, data, used, graded)
+                graded_tokens += grade.teacher_nll(storage, graded)["tokens"] + samples_cfg.num_prompts * samples_cfg.prompt_len
+                print(f"{name} round {r}: {record['metrics']}", flush=True)
+            folders[name] = f"{out}/model"
+            teacher_tokens[name] = graded_tokens + (seq_tokens if any(t.source == "data" and t.name != "ce" for t in terms) else 0)
+        print(f"{name}: {train_cfg.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    teacher_model, tokenizer = load_with_tokenizer(teacher, storage, device=device)
+    models = {n: load_model(storage, f).to(device) for n, f in folders.items()}
+    metrics = evaluate(teacher_model, models, storage, data, cfg.eval, device, baseline="ce_only")
+    prompts = held_out_prompts(storage, data, args.eval_prompts or 64, samples_cfg.prompt_len)
+    scored = {}
+    for name, model in {"teacher": teacher_model, **models}.items():
+        done = sample(model, prompts, num_samples=1, max_new_tokens=samples_cfg.max_new_tokens, eos_token_id=teacher.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, seed=1, batch_size=16)
+        scored[name] = teacher_nll_per_prompt(teacher_model, prompts, [d.completion_ids for d in done], tokenizer.pad_token_id)
+    idx = bootstrap_indices(len(prompts), resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed)
+
+    def nll_of(name, rows=slice(None)):
+        nll, tokens = scored[name]
+        return nll[rows].sum(-1) / np.maximum(tokens[rows].sum(-1), 1)
+
+    def versus(a, b):
+        return percentile_interval(float(nll_of(a) - nll_of(b)), nll_of(a, idx) - nll_of(b, idx))
+
+    print(f"\nHeld-out: {metrics['teacher']['val_sequences']} validation sequences; {len(prompts)} held-out prompts of "
+          f"{samples_cfg.prompt_len} tokens, {samples_cfg.max_new_tokens} new tokens sampled at T=1 (seed 1) by each model and "
+          f"scored by the teacher. Students: {train_cfg.steps} steps × {train_cfg.batch_size} sequences; on-policy rows in "
+          f"{rounds} rounds, {samples_cfg.num_prompts} prompts continued a round, half the steps on them.")
+    print("| model | loss parts | teacher forward tokens | val ppl [95% CI] | ppl / CE-only [95% CI] | teacher NLL of own samples | "
+          "Δ NLL vs soft_kd [95% CI] | Δ NLL vs CE-only [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ["teacher", "ce_only", *ON_POLICY]:
+        m = metrics[name]
+        terms = " + ".join(f"{t.weight}·{t.name}{'@' + t.on if t.on != 'data' else ''}" for t in ON_POLICY.get(name, ([],))[0])
+        cells = [f"{teacher_tokens[name]:,}" if name in teacher_tokens else "-", _ci(m, "val_ppl", "{:.1f}"),
+                 _ci(m, "ppl_ratio_vs_baseline", "{:.3f}"), f"{float(nll_of(name)):.3f}"]
+        for other in ("soft_kd", "ce_only"):
+            d = versus(name, other) if name not in (other, "teacher") else None
+            cells.append(f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "-")
+        print(f"| {name} | {terms or ('ce' if name == 'ce_only' else '-')} | " + " | ".join(cells) + " |")
 
 
 def _ci(m: dict, key: str, fmt: str) -> str:

@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from distill_core.batches import collate_beams, collate_samples
-from distill_core.losses.reduce import masked_mean
 from distill_core.losses.sequence import length_normalised, sequence_logprob, token_cross_entropy
 from distill_core.teacher.beam import beam_search
 from distill_core.teacher.sample import sample
@@ -41,18 +40,27 @@ def token_f1(predicted: list[int], reference: list[int]) -> float:
 
 
 @torch.inference_mode()
+def teacher_nll_per_prompt(teacher, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                           batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's summed NLL of each completion given its prompt, and its token count: two arrays
+    [len(prompts)] float64 / int64 (0 and 0 for an empty completion)."""
+    device = next(teacher.parameters()).device
+    nll, tokens = np.zeros(len(prompts)), np.zeros(len(prompts), np.int64)
+    kept = [i for i, c in enumerate(completions) if c]
+    for start in range(0, len(kept), batch_size):
+        at = kept[start : start + batch_size]
+        batch = collate_samples([{"prompt_ids": np.asarray(prompts[i]), "completion_ids": np.asarray(completions[i])} for i in at],
+                                pad_id).to(device)
+        logits = teacher(input_ids=batch.input_ids).logits[:, :-1]
+        ce = token_cross_entropy(logits, batch.input_ids[:, 1:], batch.loss_mask) * batch.loss_mask
+        nll[at], tokens[at] = ce.sum(-1).double().cpu().numpy(), batch.loss_mask.sum(-1).cpu().numpy()
+    return nll, tokens
+
+
 def teacher_nll(teacher, prompts: list[list[int]], completions: list[list[int]], pad_id: int, batch_size: int = 8) -> float:
     """The teacher's mean per-token NLL of ``completions`` given their ``prompts`` (lower = more teacher-like)."""
-    device = next(teacher.parameters()).device
-    total, count = 0.0, 0
-    rows = [{"prompt_ids": np.asarray(p), "completion_ids": np.asarray(c)} for p, c in zip(prompts, completions) if c]
-    for start in range(0, len(rows), batch_size):
-        batch = collate_samples(rows[start : start + batch_size], pad_id).to(device)
-        logits = teacher(input_ids=batch.input_ids).logits[:, :-1]
-        n = int(batch.loss_mask.sum())
-        total += masked_mean(token_cross_entropy(logits, batch.input_ids[:, 1:], batch.loss_mask), batch.loss_mask).item() * n
-        count += n
-    return total / max(count, 1)
+    nll, tokens = teacher_nll_per_prompt(teacher, prompts, completions, pad_id, batch_size)
+    return float(nll.sum() / max(tokens.sum(), 1))
 
 
 def sample_metrics(teacher, models: dict, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None,

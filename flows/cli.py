@@ -96,20 +96,25 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
 _watchdogs: list[tuple[subprocess.Popen, int]] = []  # (watchdog, write end of its pipe), for the life of this process
 
 
+STARTUP_TIMEOUT_S = 120
+
+
 def server_ends_with_this_process() -> int | None:
     """When no Prefect API is configured, start Prefect's temporary server now (Prefect would on first
     use) with a watchdog that stops it when this process ends, even by SIGKILL; returns its pid.
 
     None when an API URL is set (a server this process does not own), ephemeral mode is off, or
     the system is not POSIX."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or os.name != "posix":
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
-    server.start()
+    # Prefect's 20 s default is too short on a busy 2-core machine; a setting the user gives wins.
+    set_by_user = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ
+    server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() if set_by_user else STARTUP_TIMEOUT_S)
     pid = server.server_process.pid
     read, write = os.pipe()  # close-on-exec (PEP 446): programs this process starts do not hold `write`
     watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=read, stdout=subprocess.DEVNULL,

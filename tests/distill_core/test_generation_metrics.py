@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distill_core.generation_metrics import (
-    distinct_n, kendall_tau, sample_metrics, selection_metrics, teacher_nll, token_f1,
+    distinct_n, kendall_tau, sample_metrics, selection_metrics, teacher_nll, teacher_nll_per_prompt, token_f1,
 )
 
 
@@ -34,6 +34,19 @@ def test_teacher_nll_matches_a_direct_forward(tiny_teacher):
             logp = torch.log_softmax(tiny_teacher(torch.tensor([p + c])).logits[0, :-1], -1)
             expected += [-logp[len(p) - 1 + j, t].item() for j, t in enumerate(c)]
     assert teacher_nll(tiny_teacher, prompts, completions, pad_id=0) == pytest.approx(np.mean(expected), rel=1e-5)
+
+
+def test_per_prompt_nll_sums_each_completion_alone_in_any_batch(tiny_teacher):
+    prompts, completions = [[5, 6, 7], [8, 9], [3, 4]], [[10, 11], [12, 13, 14], []]
+    expected = []
+    with torch.no_grad():
+        for p, c in zip(prompts[:2], completions[:2]):
+            logp = torch.log_softmax(tiny_teacher(torch.tensor([p + c])).logits[0, :-1], -1)
+            expected.append(-sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c)))
+    for batch_size in (1, 2, 8):
+        nll, tokens = teacher_nll_per_prompt(tiny_teacher, prompts, completions, pad_id=0, batch_size=batch_size)
+        np.testing.assert_allclose(nll, [*expected, 0.0], rtol=1e-5)
+        assert tokens.tolist() == [2, 3, 0]
 
 
 def test_the_teacher_agrees_with_itself(tiny_teacher):
