@@ -6,6 +6,7 @@ stored); the full-vocabulary logits never do.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable
 
@@ -120,18 +121,42 @@ def sparse_from_logits(teacher_logits: torch.Tensor, cfg: TopKConfig, uniforms: 
 
 
 def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConfig, device) -> pa.Table:
-    batches = []
+    """The shard's table. Batch i's sparse targets (top-k, draws, the copy to the host) are computed
+    on a second thread while the teacher runs batch i+1's forward (on CUDA on a side stream, so the
+    device overlaps them too); at most two batches' logits are alive. The same functions on the same
+    inputs: the bytes do not depend on the overlap."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    for start in range(0, len(input_ids), cfg.batch_size):
-        batch = torch.from_numpy(input_ids[start : start + cfg.batch_size]).to(device)
-        uniforms = None
-        if cfg.strategy != "topk":
-            uniforms = draw_uniforms(cfg.seed, seq_ids[start : start + cfg.batch_size], batch.shape[1] - 1, cfg.draws)
-        with torch.inference_mode(), autocast:
-            logits = model(input_ids=batch).logits[:, :-1]
-        with torch.inference_mode():
-            batches.append(sparse_from_logits(logits, cfg, uniforms))
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    batches, pending = [], None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topk") as pool:
+        for start in range(0, len(input_ids), cfg.batch_size):
+            batch = torch.from_numpy(input_ids[start : start + cfg.batch_size]).to(device)
+            uniforms = None
+            if cfg.strategy != "topk":
+                uniforms = draw_uniforms(cfg.seed, seq_ids[start : start + cfg.batch_size], batch.shape[1] - 1, cfg.draws)
+            with torch.inference_mode(), autocast:
+                logits = model(input_ids=batch).logits[:, :-1]
+            ready = None
+            if side is not None:
+                ready = torch.cuda.Event()
+                ready.record()  # the forward's end on the current stream
+                logits.record_stream(side)  # not reused by the forward's allocator while the side stream reads it
+            if pending is not None:
+                batches.append(pending.result())
+            pending = pool.submit(_sparse_off_thread, logits, cfg, uniforms, side, ready)
+        if pending is not None:
+            batches.append(pending.result())
     return codec.encode_table(seq_ids, codec.concat(batches), cfg.served_temperatures())
+
+
+def _sparse_off_thread(logits: torch.Tensor, cfg: TopKConfig, uniforms, side, ready) -> codec.SparseRows:
+    """:func:`sparse_from_logits` on the worker thread; on ``side`` (a CUDA stream) after ``ready``."""
+    with torch.inference_mode():
+        if side is None:
+            return sparse_from_logits(logits, cfg, uniforms)
+        side.wait_event(ready)
+        with torch.cuda.stream(side):
+            return sparse_from_logits(logits, cfg, uniforms)
 
 
 def read_targets(table: pa.Table, meta: dict, temperature: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -151,3 +151,22 @@ def test_teacher_precision_is_part_of_the_address(prepared, tiny_teacher):
     _, full_out = _targets(full, storage, data)
     _, half_out = _targets(half, storage, data)
     np.testing.assert_allclose(half_out["topk_logprobs"].max(-1), full_out["topk_logprobs"].max(-1), atol=0.1)  # bfloat16 keeps ~3 digits
+
+
+@pytest.mark.parametrize("strategy", ["topk", "hybrid"])
+def test_the_overlapped_table_equals_sparse_targets_computed_batch_by_batch(prepared, tiny_teacher, strategy):
+    from distill_core.cache import codec
+    from distill_core.teacher.topk import _topk_table, draw_uniforms, sparse_from_logits
+
+    storage, data = prepared
+    cfg = TopKConfig(strategy=strategy, k=4, draws=8, batch_size=3)
+    _, seq_ids, input_ids = next(read_sequences(storage, data.train))
+    overlapped = _topk_table(tiny_teacher, seq_ids, input_ids, cfg, torch.device("cpu"))
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(input_ids), cfg.batch_size):
+            batch = torch.from_numpy(input_ids[start : start + cfg.batch_size])
+            uniforms = draw_uniforms(cfg.seed, seq_ids[start : start + cfg.batch_size], batch.shape[1] - 1, cfg.draws)
+            parts.append(sparse_from_logits(tiny_teacher(input_ids=batch).logits[:, :-1], cfg, uniforms if strategy != "topk" else None))
+    serial = codec.encode_table(seq_ids, codec.concat(parts), cfg.served_temperatures())
+    assert len(input_ids) > cfg.batch_size and overlapped.equals(serial)
