@@ -114,7 +114,14 @@ def load_teacher(ref: TeacherRef, storage: Storage, device: str | torch.device =
     from transformers import AutoModelForCausalLM
 
     folder = _local_folder(ref, storage, weights=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    if ggufs:  # a GGUF teacher's folder keeps the file itself: dequantised here, as when it was resolved
+        from transformers import GgufConfig
+
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True)).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     config = model.config
     found = (config.model_type, _num_layers(config), int(config.vocab_size))
     expected = (ref.model_type, ref.num_layers, ref.vocab_size)
@@ -292,13 +299,14 @@ def _resolve_gguf(file: str, storage: Storage) -> TeacherRef:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise ``gguf`` to float32 and save it (safetensors) with its tokenizer into ``out``."""
+    """Check that transformers loads ``gguf`` as plain (dequantised) weights, and save into ``out`` the
+    file itself beside its config and tokenizer: loading dequantises it again, to the same float32
+    weights, at a fifth of the bytes of a float32 copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    log.info("converting %s to a float32 Hugging Face folder (once per file)", gguf)
+    log.info("checking %s loads as a Hugging Face model (once per file)", gguf)
     try:
-        # dequantize=True: plain nn.Linear weights, which save_pretrained can write (packed GGUF
-        # blocks are not serialisable, and safetensors students copy plain weights anyway).
+        # dequantize=True: plain nn.Linear weights, as students copy them
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
         )
@@ -309,9 +317,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             "for GGUF (e.g. llama, qwen2, gpt2) or convert it to a Hugging Face folder and use teacher.kind=path."
         ) from e
     if getattr(model, "hf_quantizer", None) is not None:
-        raise TeacherError(f"transformers kept {gguf} quantised; cannot save plain weights. Upgrade transformers.")
-    model.save_pretrained(out)
+        raise TeacherError(f"transformers kept {gguf} quantised; cannot load plain weights. Upgrade transformers.")
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    shutil.copyfile(gguf, out / gguf.name)
 
 
 # -- hub -------------------------------------------------------------------------------------------

@@ -232,13 +232,14 @@ def test_embedded_gguf_converts_once_and_keeps_its_logits(tmp_path, monkeypatch)
     assert ref.source == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (ref.model_type, ref.num_layers, ref.vocab_size) == ("llama", 30, 49152)
     assert storage.exists(f"teachers/{ref.fingerprint}/teacher.json")
-    assert storage.exists(f"teachers/{ref.fingerprint}/model.safetensors")
+    # the folder keeps the GGUF file (98 MB), not a float32 copy of its weights (538 MB)
+    assert storage.exists(f"teachers/{ref.fingerprint}/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert not storage.exists(f"teachers/{ref.fingerprint}/model.safetensors")
 
     gguf = embedded_gguf_path()
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     original_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    converted = AutoModelForCausalLM.from_pretrained(ref.path).eval()
-    tokenizer = load_tokenizer(ref, storage)
+    converted, tokenizer = load_teacher(ref, storage)
     assert tokenizer_hash(tokenizer) == tokenizer_hash(original_tokenizer) == ref.tokenizer_hash
     torch.testing.assert_close(_logits(converted, tokenizer), _logits(original, original_tokenizer), atol=1e-4, rtol=1e-4)
 
