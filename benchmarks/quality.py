@@ -31,6 +31,7 @@ import argparse
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from distill_core.cache.stage import run_all
@@ -90,6 +91,8 @@ def main() -> None:
                         help="on-policy grid in ROUNDS rounds: off-policy soft KD vs on-policy rounds vs the mix")
     parser.add_argument("--cross-tokenizer", type=int, default=0, metavar="VOCAB",
                         help="cross-tokenizer grid: students with a byte-level BPE of VOCAB tokens trained on the train split")
+    parser.add_argument("--float16-codec", action="store_true",
+                        help="soft KD on the compact codec's top-k vs the same top-k in the float16 codec (the layout before codecs)")
     parser.add_argument("--round-prompts", type=int, default=48, help="prompts the student continues each round (--on-policy)")
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -126,6 +129,8 @@ def main() -> None:
     loaded.clear()
     print(f"teacher, data and caches ready in {time.perf_counter() - t0:.0f} s")
 
+    if args.float16_codec:
+        return float16_codec_grid(args, cfg, train_cfg, storage, teacher, data, caches, load, device)
     if args.cross_tokenizer:
         return cross_tokenizer_grid(args, cfg, train_cfg, storage, teacher, data, caches, device)
     if args.on_policy:
@@ -244,6 +249,54 @@ def strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device) ->
         for name in (n for n in names if n != "topk"):
             r = paired(metrics[name], metrics["topk"], resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed).ratio
             print(f"ppl {name} / topk (paired): {r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]")
+
+
+def float16_codec_grid(args, cfg, train_cfg, storage, teacher, data, caches, load, device) -> None:
+    """Soft KD (same init, steps, learning rate) on the top-k cache in the compact codec vs the same
+    top-k stored as before codecs (uint16/uint32 ids, float16 log-probabilities, float32 tail), which
+    the reader still serves: paired perplexity ratio and bytes per kept logit of each."""
+    from distill_core.cache.ref import teacher_cache_ref
+    from distill_core.cache.shards import list_array
+    from distill_core.cache.stage import ShardJob
+    from distill_core.data import id_type
+    from distill_core.losses.divergence import topk_targets_from_logits
+
+    k, tau = cfg.topk.k, cfg.topk.temperature
+    ids_type = id_type(teacher.vocab_size)
+
+    def compute(model, seq_ids, input_ids, _sha):
+        parts = []
+        for start in range(0, len(input_ids), cfg.topk.batch_size):
+            with torch.inference_mode():
+                logits = model(input_ids=torch.from_numpy(input_ids[start : start + cfg.topk.batch_size])).logits[:, :-1]
+                parts.append(topk_targets_from_logits(logits, k, tau))
+        n = len(seq_ids)
+        ids, lps = (torch.cat([getattr(t, a) for t in parts]) for a in ("ids", "logprobs"))
+        tail = torch.cat([t.tail_logprob for t in parts])
+        return pa.table({"seq_id": pa.array(seq_ids, pa.int64()),
+                         "ids": list_array(ids.reshape(n, -1).numpy().astype(ids_type.to_pandas_dtype()), ids_type),
+                         "logprobs": list_array(lps.reshape(n, -1).numpy().astype(np.float16), pa.float16()),
+                         "tail_logprob": list_array(tail.numpy(), pa.float32())})
+
+    old = run_all(ShardJob(ref=teacher_cache_ref("topk", {"k": k, "temperature": tau}, teacher.to_dict(), data), rows=None,
+                           compute=compute), load, data, storage)
+    folders = {"ce_only": train_student("ce_only", OBJECTIVES["ce_only"], cfg.student, train_cfg, storage, teacher, data).model_folder}
+    for name, cache in (("soft_kd", caches["topk"]), ("soft_kd_float16", old)):
+        folders[name] = train_student(name, OBJECTIVES["soft_kd"], cfg.student, train_cfg, storage, teacher, data, {"topk": cache}).model_folder
+    metrics = evaluate_students(teacher, folders, storage, data, cfg.eval, device, baseline="ce_only")
+    kept = data.train_rows * (data.seq_len - 1) * k
+    print(f"\nHeld-out: {metrics['teacher']['val_sequences']} validation sequences; soft KD = 0.5·forward_kl + 0.5·ce, "
+          f"{train_cfg.steps} steps × {train_cfg.batch_size} sequences, top-k k={k}.")
+    print("| model | top-k codec | bytes / kept logit | val ppl [95% CI] | ppl / CE-only [95% CI] |")
+    print("|---|---|---|---|---|")
+    sizes = {"soft_kd": caches["topk"].open(storage).num_bytes / kept, "soft_kd_float16": old.open(storage).num_bytes / kept}
+    for name in ("teacher", *folders):
+        m = metrics[name]
+        codec_name = {"soft_kd": caches["topk"].meta.get("codec", "-"), "soft_kd_float16": "float16 (before codecs)"}.get(name, "-")
+        size = f"{sizes[name]:.2f}" if name in sizes else "-"
+        print(f"| {name} | {codec_name} | {size} | {_ci(m, 'val_ppl', '{:.1f}')} | {_ci(m, 'ppl_ratio_vs_baseline', '{:.3f}')} |")
+    r = paired(metrics["soft_kd"], metrics["soft_kd_float16"], resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed).ratio
+    print(f"ppl compact codec / float16 codec (paired): {r.estimate:.4f} [{r.low:.4f}, {r.high:.4f}]")
 
 
 # Cross-tokenizer rows (a student with its own tokenizer): GOLD's hybrid is exact-match KL + ULD.
