@@ -77,8 +77,12 @@ def register(
     primary_metric: str = "val_ppl",
     lower_is_better: bool = True,
     lock_timeout: float = LOCK_TIMEOUT_S,
+    link_from: str | None = None,
 ) -> RegisteredVersion:
     """Save ``model`` and ``tokenizer`` as the next version of ``name``; move ``champion`` if it wins.
+
+    ``link_from``: the folder of this storage the model was loaded from; files the version shares with
+    it byte for byte are hard-linked on a local root (see :meth:`Storage.upload_dir`).
 
     ``lineage`` holds teacher, data_fingerprint, cache_ids, flow_run_id, code_version (any other
     keys are kept too). The champion alias moves only when ``metrics[primary_metric]`` is strictly
@@ -118,7 +122,7 @@ def register(
             if storage.exists(f"{folder}/{ENTRY}"):  # never clear a committed version
                 raise _immutable(storage, name, version)
             storage.remove(folder, recursive=True)  # leftovers of a killed register (no entry.json)
-            storage.upload_dir(tmp, folder)
+            storage.upload_dir(tmp, folder, link_from=link_from)
         try:
             storage.write_new(f"{folder}/{ENTRY}", _json_bytes(entry))
         except FileExistsError:

@@ -151,11 +151,33 @@ class Storage:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    def upload_dir(self, local_dir: str | Path, rel: str) -> None:
-        """Copy every file under ``local_dir`` to ``rel`` (each file streamed and written atomically)."""
+    def upload_dir(self, local_dir: str | Path, rel: str, *, link_from: str | None = None) -> None:
+        """Copy every file under ``local_dir`` to ``rel`` (each file streamed and written atomically).
+
+        ``link_from``: a folder of this root; on a local root, a file with the same name and the same
+        bytes there is hard-linked instead of copied (committed files are replaced, never rewritten in
+        place, so the two stay equal). Object stores copy."""
         local_dir = Path(local_dir)
         for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            self.upload_file(file, f"{rel}/{file.relative_to(local_dir).as_posix()}")
+            name = file.relative_to(local_dir).as_posix()
+            if not (link_from is not None and self.is_local and self._link_same(file, f"{link_from}/{name}", f"{rel}/{name}")):
+                self.upload_file(file, f"{rel}/{name}")
+
+    def _link_same(self, local_file: Path, source_rel: str, rel: str) -> bool:
+        """Hard-link ``rel`` to ``source_rel`` when that holds ``local_file``'s bytes; whether it did."""
+        import filecmp
+
+        source, path = self._path(source_rel), self._path(rel)
+        if not os.path.isfile(source) or not filecmp.cmp(source, local_file, shallow=False):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links: the caller copies
+            return False
+        os.replace(tmp, path)
+        return True
 
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
         """Copy every file under ``rel`` into ``local_dir``; returns ``local_dir``."""

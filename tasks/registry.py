@@ -27,7 +27,7 @@ def register_student(config: RunConfig, run_id: str, teacher: dict, data: dict, 
     if config.registry.kind == "mlflow":
         backend, where, extra = registry_mlflow, config.registry.tracking_uri, {"experiment": config.registry.experiment}
     else:
-        backend, where, extra = registry, storage, {}
+        backend, where, extra = registry, storage, {"link_from": f"{student['model_folder']}"}
     existing = backend.find_by_lineage(where, name, "student_folder", student["model_folder"])
     if existing is not None:
         return asdict(existing)

@@ -88,6 +88,26 @@ def test_version_folder_loads_with_same_logits(storage, tiny_teacher, tiny_token
     assert entry["primary_metric"] == "val_ppl" and entry["lower_is_better"] is True
 
 
+def test_a_model_loaded_from_the_root_shares_its_unchanged_files_by_hard_link(storage, tiny_teacher, tiny_tokenizer, tmp_path):
+    import os
+
+    from distill_core.evaluate import load_model
+
+    saved = tmp_path / "saved"
+    tiny_teacher.save_pretrained(saved)
+    tiny_tokenizer.save_pretrained(saved)
+    storage.upload_dir(saved, "students/s/model")
+    storage.write_bytes("students/s/model/tokenizer.json", b"{}")  # differs from what the registry writes
+    _register(storage, load_model(storage, "students/s/model"), tiny_tokenizer, 10.0, link_from="students/s/model")
+    source, version = storage.local_path("students/s/model"), storage.local_path("registry/student/1")
+    assert os.stat(version / "model.safetensors").st_ino == os.stat(source / "model.safetensors").st_ino
+    assert os.stat(version / "tokenizer.json").st_ino != os.stat(source / "tokenizer.json").st_ino
+    for name, meta in get_version(storage, "student", 1)["files"].items():
+        assert sha256_bytes(storage.read_bytes(f"registry/student/1/{name}")) == meta["sha256"]
+    _register(storage, tiny_teacher, tiny_tokenizer, 9.0)  # no source folder: copied
+    assert os.stat(storage.local_path("registry/student/2") / "model.safetensors").st_nlink == 1
+
+
 def test_model_card_has_metrics_lineage_config(storage, tiny_teacher, tiny_tokenizer):
     _register(storage, tiny_teacher, tiny_tokenizer, 9.8765)
     card = storage.read_bytes("registry/student/1/README.md").decode()
@@ -152,9 +172,9 @@ def test_existing_version_is_immutable(storage, tiny_teacher, tiny_tokenizer, mo
 def test_entry_committed_during_upload_is_not_overwritten(storage, tiny_teacher, tiny_tokenizer, monkeypatch):
     upload = storage.upload_dir
 
-    def racing_upload(local_dir, rel):
+    def racing_upload(local_dir, rel, **kwargs):
         storage.write_bytes(f"{rel}/entry.json", b'{"writer": "other"}')
-        upload(local_dir, rel)
+        upload(local_dir, rel, **kwargs)
 
     monkeypatch.setattr(storage, "upload_dir", racing_upload)
     with pytest.raises(RegistryError, match="version 1 of 'student' already exists"):

@@ -32,6 +32,9 @@ def test_nightly_end_to_end_then_rerun_recomputes_nothing(tiny_config, tmp_path)
     evaluated = json.loads((root / "runs/night-1/stages/evaluate.json").read_text())
     assert {name: len(m["per_sequence"]["nll"]) for name, m in evaluated.items()} == {"teacher": 8, "student": 8, "baseline": 8}
     assert get_version(Storage(str(root)), "tiny", 1)["metrics"]["val_ppl_high"] == student["val_ppl_high"]
+    trained = json.loads((root / "runs/night-1/stages/train_student.json").read_text())["student"]["model_folder"]
+    weights = (root / trained / "model.safetensors").stat()
+    assert weights.st_nlink == 2 and (root / "registry/tiny/1/model.safetensors").stat().st_ino == weights.st_ino  # linked, not copied
     before = {k: v for k, v in _files(root).items() if not k.startswith("runs/")}
     again = nightly(tiny_config, run_id="night-2")
     after = {k: v for k, v in _files(root).items() if not k.startswith("runs/")}
