@@ -238,10 +238,12 @@ def collate_samples(rows: list[dict[str, np.ndarray]], pad_id: int) -> Batch:
     return Batch(input_ids, mask, TopKTargets(ids, lps, tail) if soft else None)
 
 
-def collate_beams(rows: list[dict], pad_id: int) -> BeamBatch:
-    """Every candidate of every prompt as one row (prompt-major), masked to the candidate's tokens."""
+def collate_beams(rows: list[dict], pad_id: int, samples: Callable[[list[dict]], Batch] | None = None) -> BeamBatch:
+    """Every candidate of every prompt as one row (prompt-major), masked to the candidate's tokens;
+    ``samples`` collates the (prompt, candidate) rows (default :func:`collate_samples`; a student with
+    its own tokenizer: ``Retokenizer.collate_samples``)."""
     flat = [{"prompt_ids": r["prompt_ids"], "completion_ids": c} for r in rows for c in r["candidates"]]
-    base = collate_samples(flat, pad_id)
+    base = (samples or (lambda f: collate_samples(f, pad_id)))(flat)
     scores = torch.from_numpy(np.stack([r["scores"] for r in rows]).astype(np.float32))
     n = scores.shape[1]
     is_top1 = torch.zeros(len(flat), dtype=torch.bool)

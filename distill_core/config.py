@@ -406,8 +406,12 @@ class EvalConfig(_Model):
     )
     bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap resamples (the same for every model: paired).")
 
-    def wants(self, metric: Literal["generation", "selection"], train: "TrainConfig") -> bool:
+    def wants(self, metric: Literal["generation", "selection"], train: "TrainConfig", own_tokenizer: bool = False) -> bool:
+        """Whether to compute ``metric``; auto leaves it out for a student with its own tokenizer (it
+        compares token ids with the teacher's)."""
         setting = getattr(self, metric)
+        if own_tokenizer and setting == "auto":
+            return False
         if metric == "generation":  # the metric on-policy training targets
             return setting == "on" or (setting == "auto" and (train.needs("samples") or train.on_policy))
         return setting == "on" or (setting == "auto" and train.needs("beams"))
@@ -485,6 +489,10 @@ class RunConfig(_Model):
             raise ValueError("student_samples.policy 'champion' reads the champion from the file registry, but "
                              f"registry.kind is {self.registry.kind!r}: use registry.kind file, or policy init.")
         self._check_topk_targets()
+        forced = [m for m in ("generation", "selection") if getattr(self.eval, m) == "on"]
+        if self.student.tokenizer is not None and forced:
+            raise ValueError(f"eval.{' and eval.'.join(forced)} 'on' compare token ids with the teacher's, but the student has "
+                             "its own tokenizer (student.tokenizer): set them to 'auto' or 'off'.")
         return self
 
     def _check_topk_targets(self) -> None:

@@ -142,13 +142,28 @@ class Retokenizer:
         return Batch(input_ids, mask, TopKTargets(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"], t["valid"]), t["soft"] & mask,
                      TopKTargets(t["topk_ids"], t["uld_logprobs"], t["uld_tail"]), t["uld"] & mask)
 
+    def _text_completion(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``row`` with its completion cut before the first byte that is not UTF-8 text: a generated
+        completion may spell any bytes (a byte-level teacher can write half a character, or none), and
+        the student's tokenizer reads text."""
+        ids = np.concatenate([row["prompt_ids"], row["completion_ids"]]).astype(np.int64)
+        try:
+            b"".join(self.t_table[i] for i in ids).decode("utf-8")
+            return row
+        except UnicodeDecodeError as e:
+            valid = e.start
+        ends = np.cumsum(self.t_len[ids])[len(row["prompt_ids"]):]
+        return {**row, "completion_ids": row["completion_ids"][: int((ends <= valid).sum())]}
+
     def collate_samples(self, rows: list[dict[str, np.ndarray]], pad_id: int):
         """Teacher samples (prompt_ids, completion_ids in teacher tokens) as student rows: the loss on
-        the student tokens that end inside the completion's text (sequence-level KD on text)."""
+        the student tokens that end inside the completion's text (sequence-level KD on text), cut before
+        its first byte that is not UTF-8 text."""
         import torch
 
         from distill_core.batches import Batch
 
+        rows = [self._text_completion(r) for r in rows]
         student = self.rows([np.concatenate([r["prompt_ids"], r["completion_ids"]]) for r in rows])
         length = max(max(len(r.ids) for r in student), 2)
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

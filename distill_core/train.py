@@ -110,7 +110,7 @@ def loss_step(
             continue
         if chunk_rows is None:
             out = student(input_ids=b.input_ids).logits[:, :-1]
-            ce = token_cross_entropy(out, labels, b.loss_mask) if any(t.name in _CE_NAMES for t in own) else None
+            ce = token_cross_entropy(out, labels, b.loss_mask) if ranked or any(t.name in _CE_NAMES for t in own) else None
         else:  # ranking beams is not linear in the per-token values: per-token CE, recomputed per chunk in backward
             hidden, weight, bias = body_and_head(student, b.input_ids)
             out, ce = None, fused_token_ce(hidden, weight, bias, labels, b.loss_mask, chunk_rows=chunk_rows)
@@ -462,7 +462,7 @@ def _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_r
     """:func:`train_student` for a student with its own tokenizer (``student.tokenizer``): built with its
     vocabulary, trained on the teacher rows' text in its tokens (:mod:`distill_core.retokenize`), saved
     with its tokenizer."""
-    from distill_core.batches import step_batches
+    from distill_core.batches import collate_beams, step_batches
     from distill_core.retokenize import Retokenizer
 
     strategy = used["topk"].meta.get("strategy", "topk") if "topk" in used else "topk"
@@ -473,8 +473,10 @@ def _train_own_tokenizer(name, terms, student_cfg, train_cfg, storage, teacher_r
     context = getattr(student.config, "n_positions", None) or getattr(student.config, "max_position_embeddings", None)
     retok = Retokenizer(teacher_tokenizer, student_tokenizer, max_len=context)
     pad = student_tokenizer.pad_token_id
-    streams = source_streams([t for t in terms if t.source in ("data", "samples")], storage, data, used, train_cfg)
-    collate = {"data": lambda rows: retok.collate_data(rows, pad), "samples": lambda rows: retok.collate_samples(rows, pad)}
+    streams = source_streams(terms, storage, data, used, train_cfg)
+    collate = {"data": lambda rows: retok.collate_data(rows, pad), "samples": lambda rows: retok.collate_samples(rows, pad),
+               "beams": lambda rows: collate_beams(rows, pad, samples=lambda flat: retok.collate_samples(flat, pad))}
     batches = step_batches(streams, train_cfg.batch_size, pad_id=pad, collate={k: v for k, v in collate.items() if k in streams})
     return train(student, batches, train_cfg, terms, storage, out, temperatures=source_temperatures(used, train_cfg),
+                 length_penalty=used["beams"].meta["length_penalty"] if "beams" in used else 1.0,
                  tokenizer=student_tokenizer, progress=progress, fail_at_step=fail_at_step, init=init)

@@ -232,9 +232,10 @@ def evaluate_flow(run_id: str, config: RunConfig) -> dict:
     data = read_stage(config, run_id, "prepare_data")
     trained = read_stage(config, run_id, "train_student")
     folders = {name: result["model_folder"] for name, result in trained.items()}
+    own = config.student.tokenizer is not None  # auto leaves out the metrics that compare token ids
     metrics = evaluate(
         teacher, folders, data, config.eval, config.storage, config.registry.name,
-        generation=config.eval.wants("generation", config.train), selection=config.eval.wants("selection", config.train),
+        generation=config.eval.wants("generation", config.train, own), selection=config.eval.wants("selection", config.train, own),
         beams=config.beams,
     )
     record_stage(config, run_id, "evaluate", metrics)

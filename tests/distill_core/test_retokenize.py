@@ -115,3 +115,34 @@ def test_identical_tokenizers_reduce_exactly_to_todays_loss(tiny_tokenizer, tiny
         b_total, b_parts = loss_step(tiny_teacher, StepBatch(data=today), terms, tail="bucket", temperatures={}, chunk_rows=chunk)
         assert torch.equal(a_total, b_total)
         assert all(torch.equal(a_parts[n], b_parts[n]) for n in b_parts)
+
+
+def test_beam_candidates_are_masked_to_the_candidates_text_in_the_students_tokens(tiny_tokenizer, small_tokenizer):
+    from distill_core.batches import collate_beams
+
+    prompt = np.array(tiny_tokenizer("def f(x):")["input_ids"])
+    candidates = [np.array(tiny_tokenizer(t)["input_ids"]) for t in (" return x", " pass", " return héllo")]
+    rows = [{"prompt_ids": prompt, "candidates": candidates, "scores": np.array([-0.5, -1.0, -2.0], np.float32)}]
+    same = Retokenizer(tiny_tokenizer, tiny_tokenizer)
+    a, b = collate_beams(rows, 0), collate_beams(rows, 0, samples=lambda flat: same.collate_samples(flat, 0))
+    assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.loss_mask, b.loss_mask)  # identical tokenizers: as today
+    other = Retokenizer(tiny_tokenizer, small_tokenizer)
+    batch = collate_beams(rows, 0, samples=lambda flat: other.collate_samples(flat, 0))
+    assert batch.is_top1.tolist() == [True, False, False] and batch.teacher_scores.tolist() == [[-0.5, -1.0, -2.0]]
+    for i, text in enumerate((" return x", " pass", " return héllo")):
+        ids = batch.input_ids[i]
+        kept = ids[1:][batch.loss_mask[i]].tolist()  # the tokens the loss scores: the candidate's, in student ids
+        assert small_tokenizer.decode(kept) == text
+        assert small_tokenizer.decode(ids[: len(ids) - len(kept)][: len(small_tokenizer("def f(x):")["input_ids"])].tolist()) == "def f(x):"
+
+
+def test_a_generated_completion_is_cut_before_its_first_byte_that_is_not_text(tiny_tokenizer, small_tokenizer):
+    r = Retokenizer(tiny_tokenizer, small_tokenizer)
+    invalid = next(i for i, b in enumerate(r.t_table) if b == b"\xff")  # never valid UTF-8
+    prompt = np.array(tiny_tokenizer("def f(x):")["input_ids"])
+    completion = np.array(tiny_tokenizer(" return é")["input_ids"] + [invalid] + tiny_tokenizer(" more")["input_ids"])
+    batch = r.collate_samples([{"prompt_ids": prompt, "completion_ids": completion}], 0)
+    assert small_tokenizer.decode(batch.input_ids[0, 1:][batch.loss_mask[0]].tolist()) == " return é"
+    whole = np.array(tiny_tokenizer(" return é more")["input_ids"])
+    batch = r.collate_samples([{"prompt_ids": prompt, "completion_ids": whole}], 0)
+    assert small_tokenizer.decode(batch.input_ids[0, 1:][batch.loss_mask[0]].tolist()) == " return é more"

@@ -1,5 +1,8 @@
 """A nightly run whose student has its own tokenizer (another vocabulary than the teacher's)."""
 
+import json
+
+import numpy as np
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill_core.config import parse_config
@@ -10,10 +13,15 @@ def test_nightly_with_a_student_of_another_vocabulary(tiny_config, tmp_path, sma
     small_tokenizer.save_pretrained(tmp_path / "small")
     raw = tiny_config.model_dump()
     raw["student"]["tokenizer"] = str(tmp_path / "small")
-    raw["train"]["losses"] = [{"name": "forward_kl", "weight": 0.5}, {"name": "uld", "weight": 0.5}, {"name": "ce", "weight": 0.5}]
+    raw["train"]["losses"] = [{"name": "forward_kl", "weight": 0.5}, {"name": "uld", "weight": 0.5}, {"name": "ce", "weight": 0.5},
+                              {"name": "seqkd", "weight": 0.25}, {"name": "beam_rank", "weight": 0.25}]  # text-level terms, re-tokenised
+    raw["samples"] = {"prompt_len": 8, "num_prompts": 8, "num_samples": 1, "max_new_tokens": 6, "batch_size": 8}
+    raw["beams"] = {"prompt_len": 8, "num_prompts": 8, "num_beams": 3, "max_new_tokens": 5, "batch_size": 4}
     config = parse_config(raw)
     result = nightly(config, run_id="xtok-1")
     metrics = result["metrics"]
+    trained = json.loads((tmp_path / "root/runs/xtok-1/stages/train_student.json").read_text())["student"]
+    assert {"seqkd", "beam_rank", "forward_kl", "uld"} <= set(trained["history"][-1]) and np.isfinite(trained["history"][-1]["loss"])
     assert set(metrics) == {"teacher", "student", "baseline"}
     for name in ("teacher", "student", "baseline"):
         assert metrics[name]["unit"] == "byte" and 0 < metrics[name]["val_bpb"] < 16

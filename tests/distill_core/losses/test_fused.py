@@ -148,6 +148,7 @@ def test_loss_step_on_beams_with_chunk_rows_equals_without(tiny_teacher, ranking
     terms = [LossTerm(name="beam_top1", weight=0.5), LossTerm(name="beam_rank", weight=1.0, ranking=ranking)]
     _compare_loss_step(student, StepBatch(beams=beams), terms, 5, tail="bucket", temperatures={}, length_penalty=1.0)
     _compare_loss_step(student, StepBatch(beams=beams), terms[:1], 5, tail="bucket", temperatures={})
+    _compare_loss_step(student, StepBatch(beams=beams), terms[1:], 5, tail="bucket", temperatures={}, length_penalty=1.0)  # ranking alone
 
 
 def test_loss_step_refuses_a_head_it_cannot_fuse(tiny_teacher):
