@@ -489,6 +489,10 @@ class RunConfig(_Model):
             raise ValueError("student_samples.policy 'champion' reads the champion from the file registry, but "
                              f"registry.kind is {self.registry.kind!r}: use registry.kind file, or policy init.")
         self._check_topk_targets()
+        if self.student.tokenizer is not None and self.train.tail == "renormalize":
+            raise ValueError("train.tail 'renormalize' keeps only the top-k ids, but across tokenizers the teacher's mass on "
+                             "ids without a student token is carried in the tail (and some positions keep no id at all): "
+                             "set train.tail to 'bucket' with student.tokenizer.")
         forced = [m for m in ("generation", "selection") if getattr(self.eval, m) == "on"]
         if self.student.tokenizer is not None and forced:
             raise ValueError(f"eval.{' and eval.'.join(forced)} 'on' compare token ids with the teacher's, but the student has "

@@ -138,5 +138,7 @@ def test_student_samples_prompt_must_fit_and_champion_needs_the_file_registry():
 def test_metrics_that_compare_token_ids_cannot_be_forced_on_for_a_student_with_its_own_tokenizer():
     with pytest.raises(ConfigError, match="eval.generation 'on' compare token ids with the teacher's"):
         parse_config({"student": {"tokenizer": "some/tokenizer"}, "eval": {"generation": "on"}})
+    with pytest.raises(ConfigError, match="set train.tail to 'bucket' with student.tokenizer"):
+        parse_config({"student": {"tokenizer": "some/tokenizer"}, "train": {"tail": "renormalize"}})
     cfg = parse_config({"student": {"tokenizer": "some/tokenizer"}, "train": {"losses": [{"name": "seqkd"}]}})
     assert not cfg.eval.wants("generation", cfg.train, own_tokenizer=True) and cfg.eval.wants("generation", cfg.train)
