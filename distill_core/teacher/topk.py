@@ -73,7 +73,7 @@ def sparse_from_logits(teacher_logits: torch.Tensor, cfg: TopKConfig, uniforms: 
     x = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
     n, vocab = x.shape
     taus = cfg.served_temperatures()
-    lse = torch.stack([torch.logsumexp(x / t, dim=-1) for t in taus], dim=-1)
+    lse = torch.stack([torch.logsumexp(_scaled(x, t), dim=-1) for t in taus], dim=-1)
     head = 0 if cfg.strategy == "sampled" else min(cfg.k, vocab)
     parts_ids, parts_z, parts_pos = [], [], []
     tail = None
@@ -86,7 +86,7 @@ def sparse_from_logits(teacher_logits: torch.Tensor, cfg: TopKConfig, uniforms: 
             tail = torch.full((n, len(taus)), float("-inf"), device=x.device)
         else:
             rest = x.scatter(-1, top_ids, float("-inf"))
-            tail = torch.stack([torch.logsumexp(rest / t, dim=-1) for t in taus], dim=-1) - lse
+            tail = torch.stack([torch.logsumexp(_scaled(rest, t), dim=-1) for t in taus], dim=-1) - lse
     n_drawn = torch.zeros(n, dtype=torch.int64)
     counts = torch.zeros(0, dtype=torch.int64)
     if cfg.strategy != "topk" and head < vocab:
@@ -118,6 +118,11 @@ def sparse_from_logits(teacher_logits: torch.Tensor, cfg: TopKConfig, uniforms: 
         counts=counts.numpy().astype(np.int64),
         tail=tail.cpu().numpy().astype(np.float32) if tail is not None else None,
     )
+
+
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``x / temperature``, without a copy of [N, V] at temperature 1."""
+    return x if temperature == 1.0 else x / temperature
 
 
 def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConfig, device) -> pa.Table:
