@@ -389,9 +389,8 @@ def on_policy_grid(args, cfg, train_cfg, storage, teacher, data, caches, load, d
             folders[name] = train_student(name, terms, cfg.student, train_cfg, storage, teacher, data, caches).model_folder
             teacher_tokens[name] = seq_tokens
         else:
-            rcfg = train_cfg.model_copy(update={"losses": terms, "rounds": rounds, "round_steps": None,
-                                                "on_policy_fraction": fraction})
-            rcfg = type(rcfg).model_validate(rcfg.model_dump())
+            rcfg = type(train_cfg).model_validate({**train_cfg.model_dump(), "losses": terms, "rounds": rounds, "round_steps": None,
+                                                   "on_policy_fraction": fraction})
             out, used = rounds_folder(name, terms, cfg.student, rcfg, samples_cfg, cfg.topk, teacher, data, caches, None)
             start_rounds(out, cfg.student, rcfg, storage, teacher, data, None)
             graded_tokens = 0

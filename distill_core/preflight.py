@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from distill_core.config import RunConfig
 from distill_core.errors import ConfigError, TeacherError
-from distill_core.storage import Storage, fs_for, local_copy
+from distill_core.storage import Storage, fs_for, loadable
 
 
 def teacher_config(teacher_path: str, storage: Storage) -> dict:
@@ -86,12 +85,8 @@ def check_pretrained_student(pretrained: str, teacher, storage: Storage) -> None
 
     from distill_core.student import check_pretrained_tokenizer
 
-    folder: str | Path = pretrained
     try:
-        if "://" in pretrained:
-            folder = local_copy(pretrained, storage, weights=False)
-        elif Path(pretrained).expanduser().exists():
-            folder = Path(pretrained).expanduser()
+        folder = loadable(pretrained, storage, weights=False)
         vocab = AutoConfig.from_pretrained(folder).vocab_size
     except (OSError, ValueError) as e:
         raise TeacherError(
@@ -137,8 +132,7 @@ def check_cross_tokenizer(cfg: RunConfig, teacher, storage: Storage) -> str:
     if student.init == "pretrained":
         from transformers import AutoConfig
 
-        folder = local_copy(student.pretrained, storage, weights=False) if "://" in student.pretrained else student.pretrained
-        vocab = AutoConfig.from_pretrained(folder).vocab_size
+        vocab = AutoConfig.from_pretrained(loadable(student.pretrained, storage, weights=False)).vocab_size
         if vocab < len(student_tok):
             raise TeacherError(
                 f"student.tokenizer {student.tokenizer} has {len(student_tok)} tokens but the pretrained student "

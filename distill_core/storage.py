@@ -242,6 +242,16 @@ def is_weight(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
+def loadable(name: str, storage: Storage | None = None, *, weights: bool = True) -> str | Path:
+    """What ``from_pretrained`` takes for ``name``, a local folder, an fsspec URL or a hub id: a URL's
+    :func:`local_copy` (its small files only, without ``weights``), an existing path with ``~``
+    expanded, else ``name`` itself (a hub id). Raises FileNotFoundError for a URL that is no folder."""
+    if "://" in name:
+        return local_copy(name, storage, weights=weights)
+    path = Path(name).expanduser()
+    return path if path.exists() else name
+
+
 def local_copy(url: str, storage: Storage | None = None, key: str | None = None, *, weights: bool = True) -> Path:
     """Local cached copy of the folder at fsspec ``url``, in ``<cache>/<key>``; returns that folder.
 

@@ -19,8 +19,8 @@ from torch import nn
 from distill_core.config import StudentConfig
 from distill_core.errors import TeacherError
 from distill_core.pruning.slicing import PrunePlan, prune
-from distill_core.storage import Storage, local_copy
-from distill_core.teacher.load import check_tokenizer, tokenizer_hash, vocabulary_hash
+from distill_core.storage import Storage, loadable
+from distill_core.teacher.load import check_tokenizer, pad_with_eos, tokenizer_hash, vocabulary_hash
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,12 @@ def student_from_pretrained(path_or_id: str, teacher_vocab_size: int, teacher_to
     """
     from transformers import AutoModelForCausalLM
 
-    folder: str | Path = path_or_id
-    if "://" in path_or_id:
-        try:
-            folder = local_copy(path_or_id, storage)
-        except FileNotFoundError as e:
-            raise TeacherError(
-                f"student.pretrained {path_or_id} does not exist: point it at a folder saved with save_pretrained."
-            ) from e
-    elif Path(path_or_id).expanduser().exists():
-        folder = Path(path_or_id).expanduser()
+    try:
+        folder = loadable(path_or_id, storage)
+    except FileNotFoundError as e:
+        raise TeacherError(
+            f"student.pretrained {path_or_id} does not exist: point it at a folder saved with save_pretrained."
+        ) from e
     try:
         model = AutoModelForCausalLM.from_pretrained(folder)
     except OSError as e:
@@ -245,13 +241,8 @@ def load_student_tokenizer(name: str, storage: Storage | None = None):
     pad token (its EOS token when it has none; padded positions are masked out of every loss)."""
     from transformers import AutoTokenizer
 
-    folder: str | Path = name
     try:
-        if "://" in name:
-            folder = local_copy(name, storage, weights=False)
-        elif Path(name).expanduser().exists():
-            folder = Path(name).expanduser()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(loadable(name, storage, weights=False))
     except (OSError, ValueError, TypeError, FileNotFoundError) as e:
         raise TeacherError(
             f"cannot load student.tokenizer {name!r} ({e}): give a folder saved with tokenizer.save_pretrained, "
@@ -262,13 +253,8 @@ def load_student_tokenizer(name: str, storage: Storage | None = None):
             f"student.tokenizer {name!r} is a slow (Python) tokenizer, which gives no offsets to align by: "
             "save its fast version (tokenizer.json) and point student.tokenizer at that."
         )
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise TeacherError(
-                f"student.tokenizer {name!r} has neither a pad nor an EOS token: save it with an EOS token "
-                "(tokenizer.add_special_tokens({'eos_token': ...})), which also separates documents."
-            )
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer, f"student.tokenizer {name!r} has neither a pad nor an EOS token: save it with an EOS token "
+                            "(tokenizer.add_special_tokens({'eos_token': ...})), which also separates documents.")
     return tokenizer
 
 

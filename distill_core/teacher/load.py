@@ -145,15 +145,21 @@ def load_tokenizer(ref: TeacherRef, storage: Storage):
     folder = _local_folder(ref, storage, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_tokenizer(tokenizer, ref.vocab_size, folder, f"teacher {ref.path}")
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise TeacherError(
-                f"the tokenizer of {ref.source} has neither a pad nor an EOS token: save it with one "
-                "(tokenizer.add_special_tokens({'pad_token': ...})) before distilling."
-            )
-        tokenizer.pad_token = tokenizer.eos_token
+    if pad_with_eos(tokenizer, f"the tokenizer of {ref.source} has neither a pad nor an EOS token: save it with one "
+                               "(tokenizer.add_special_tokens({'pad_token': ...})) before distilling."):
         log.info("tokenizer of %s has no pad token; using EOS %r for padding", ref.source, tokenizer.eos_token)
     return tokenizer
+
+
+def pad_with_eos(tokenizer, no_eos: str) -> bool:
+    """Give ``tokenizer`` its EOS token as pad token when it has none; whether it did. Raises
+    TeacherError(``no_eos``) when it has neither."""
+    if tokenizer.pad_token is not None:
+        return False
+    if tokenizer.eos_token is None:
+        raise TeacherError(no_eos)
+    tokenizer.pad_token = tokenizer.eos_token
+    return True
 
 
 # Plain text every real tokenizer of a language model encodes to a few ids.
