@@ -244,7 +244,7 @@ def strategy_grid(args, cfg, train_cfg, storage, teacher, data, load, device) ->
         size = f"{sizes[name]:.1f}" if name in sizes else "-"
         kl = f"{m['kl_to_teacher']:.3f}" if "kl_to_teacher" in m else "-"
         print(f"| {name} | {settings or '-'} | {size} | {_ci(m, 'val_ppl', '{:.1f}')} | {_ci(m, 'ppl_ratio_vs_baseline', '{:.3f}')} | "
-              f"{kl} | {m['ece']:.4f} |")
+              f"{kl} | {_ci(m, 'ece', '{:.4f}')} |")
     if "topk" in names:
         for name in (n for n in names if n != "topk"):
             r = paired(metrics[name], metrics["topk"], resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed).ratio

@@ -1,6 +1,7 @@
-"""The top-k of a batch in series after the teacher's forward vs on its own thread while the next
-forward runs (``distill_core.teacher.topk._topk_table``), against the bare forward, on the same model
-and batches; no Parquet (``benchmarks/topk.py`` times the whole stage).
+"""The top-k of a batch in series after the teacher's forward vs the stage's own loop
+(``distill_core.teacher.topk._topk_table``: on a second thread while the next forward runs, where the
+forward leaves a core free; in series where it has them all), against the bare forward, on the same
+model and batches; no Parquet (``benchmarks/topk.py`` times the whole stage).
 
     python benchmarks/topk_thread.py --threads 1 --batches 4 --batch-size 8 --seq-len 128 --repeats 3
 """
@@ -16,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from distill_core.cache import codec
 from distill_core.config import TopKConfig
-from distill_core.teacher.topk import _topk_table, sparse_from_logits
+from distill_core.teacher.topk import _topk_table, _worker_threads, sparse_from_logits
 
 
 def main() -> None:
@@ -53,7 +54,8 @@ def main() -> None:
     def own_thread():
         return _topk_table(model, seq_ids, ids, cfg, torch.device("cpu"))
 
-    loops = {"bare forward": bare, "top-k in series": in_series, "top-k on its own thread": own_thread}
+    stage_loop = "stage's loop, " + ("own thread" if _worker_threads(torch.device("cpu")) else "in series: no core free")
+    loops = {"bare forward": bare, "top-k in series": in_series, stage_loop: own_thread}
     if not in_series().equals(own_thread()):
         raise SystemExit("the two top-k paths disagree")
     times = {name: [] for name in loops}

@@ -15,7 +15,8 @@ from distill_core.config import EvalConfig
 from distill_core.data import DataRef, read_sequences
 from distill_core.errors import ConfigError, DataError
 from distill_core.intervals import (
-    LEVEL, RESAMPLES, Interval, PairedComparison, gap_closed, paired_comparison, perplexity_interval,
+    LEVEL, RESAMPLES, Interval, PairedComparison, calibration_difference, calibration_interval, gap_closed, paired_comparison,
+    perplexity_interval,
 )
 from distill_core.storage import Storage
 from distill_core.student import count_parameters
@@ -39,15 +40,17 @@ def validation_batches(storage: Storage, data: DataRef, cfg: EvalConfig) -> Iter
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 
 
-def calibration_bins(logprobs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+def calibration_bins(logprobs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS,
+                     groups: torch.Tensor | None = None, n_groups: int = 1) -> torch.Tensor:
     """Per-bin sums for the top-label expected calibration error of next-token predictions.
 
     logprobs: [N, V] float, each position's log-probabilities; labels: [N] int64, the true next tokens.
     A position's confidence is its largest probability, and it is correct when that token (the argmax)
     is the label; positions go to ``bins`` equal-width bins of confidence over [0, 1] (the top bin
     closed). Returns float64 [3, bins]: per bin the count, the summed confidence and the number
-    correct. Sums over chunks add up, so a caller accumulates them and calls
-    :func:`expected_calibration_error` once.
+    correct; with ``groups`` (int64 [N] in [0, n_groups), e.g. each position's sequence) float64
+    [n_groups, 3, bins], each group's own sums. Sums over chunks add up, so a caller accumulates them
+    and calls :func:`expected_calibration_error` once.
     """
     assert logprobs.dim() == 2 and labels.shape == logprobs.shape[:1], (
         f"logprobs must be [N, V] and labels [N], got {tuple(logprobs.shape)} and {tuple(labels.shape)}"
@@ -55,11 +58,13 @@ def calibration_bins(logprobs: torch.Tensor, labels: torch.Tensor, bins: int = E
     top, pred = logprobs.max(-1)
     confidence = top.double().exp()
     which = (confidence * bins).long().clamp_(0, bins - 1)
-    out = torch.zeros(3, bins, dtype=torch.float64, device=logprobs.device)
+    if groups is not None:
+        which = which + groups * bins
+    out = torch.zeros(3, n_groups * bins, dtype=torch.float64, device=logprobs.device)
     out[0].index_add_(0, which, torch.ones_like(confidence))
     out[1].index_add_(0, which, confidence)
     out[2].index_add_(0, which, (pred == labels).double())
-    return out
+    return out.view(3, n_groups, bins).transpose(0, 1) if groups is not None else out
 
 
 def expected_calibration_error(stats: torch.Tensor) -> float:
@@ -84,46 +89,51 @@ def compare(teacher, students: dict, batches: Iterator[tuple[np.ndarray, torch.T
     every model runs only its body and the metrics come from its LM head ``chunk_rows`` positions at a
     time, so no [b·T, V] logits exist (None: the models' own full logits; the values are the same).
     Returns {"teacher": {...}, name: {...}}; each entry's "per_sequence" holds the summed NLL of every
-    sequence (see :func:`per_sequence`).
+    sequence (see :func:`per_sequence`) and its calibration sums [3, bins] (``calibration``, for the
+    ECE's interval).
     """
     names = ["teacher", *students]
     seq_nll = {name: [] for name in names}
     seq_ids, seq_tokens = [], []
     agree = {name: 0.0 for name in students}
     kl = {name: 0.0 for name in students}
-    ece = {name: torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device) for name in names}
+    calibration = {name: [] for name in names}  # per batch: float64 [b, 3, bins]
     for ids, input_ids in batches:
         input_ids = input_ids.to(device)
         labels = input_ids[:, 1:].reshape(-1)
         with torch.no_grad():
             logits = {name: _row_logits(model, input_ids, chunk_rows) for name, model in [("teacher", teacher), *students.items()]}
             nll = {name: torch.zeros(labels.numel(), dtype=torch.float64, device=device) for name in names}
+            bins = {name: torch.zeros(len(input_ids), 3, ECE_BINS, dtype=torch.float64, device=device) for name in names}
             rows = labels.numel() if chunk_rows is None else chunk_rows
             for start in range(0, labels.numel(), rows):
                 end = min(start + rows, labels.numel())
                 y = labels[start:end, None]
+                seq = torch.arange(start, end, device=device) // (input_ids.shape[1] - 1)
                 t_logp = F.log_softmax(logits["teacher"](start, end).float(), -1)
                 nll["teacher"][start:end] = -t_logp.gather(-1, y)[:, 0].double()
-                ece["teacher"] += calibration_bins(t_logp, y[:, 0])
+                bins["teacher"] += calibration_bins(t_logp, y[:, 0], groups=seq, n_groups=len(input_ids))
                 t_top1 = t_logp.argmax(-1)
                 for name in students:
                     s_logp = F.log_softmax(logits[name](start, end).float(), -1)
                     nll[name][start:end] = -s_logp.gather(-1, y)[:, 0].double()
-                    ece[name] += calibration_bins(s_logp, y[:, 0])
+                    bins[name] += calibration_bins(s_logp, y[:, 0], groups=seq, n_groups=len(input_ids))
                     agree[name] += (s_logp.argmax(-1) == t_top1).sum().item()
                     kl[name] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
         for name in names:
             seq_nll[name].append(nll[name].view(len(input_ids), -1).sum(-1).cpu())
+            calibration[name].append(bins[name].cpu())
         seq_ids += np.asarray(ids).tolist()
         seq_tokens += [input_ids.shape[1] - 1] * len(input_ids)  # every packed position has a next token
     count = sum(seq_tokens)
     out = {}
     for name in names:
         nll = torch.cat(seq_nll[name]).numpy()
+        stats = torch.cat(calibration[name])
         out[name] = {
             "val_ppl": math.exp(float(nll.sum()) / count),
-            "ece": expected_calibration_error(ece[name]),
-            "per_sequence": {"seq_id": seq_ids, "nll": nll.tolist(), "tokens": seq_tokens},
+            "ece": expected_calibration_error(stats.sum(0)),
+            "per_sequence": {"seq_id": seq_ids, "nll": nll.tolist(), "tokens": seq_tokens, "calibration": stats.tolist()},
         }
     out["teacher"].update(val_tokens=count, val_sequences=len(seq_ids))
     for name in students:
@@ -173,7 +183,10 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
       with ``_low`` / ``_high`` (below 1: better than the CE-only baseline), and ``kd_gap_closed``
       with ``_low`` / ``_high`` (share of the baseline-to-teacher gap in log perplexity the student
       closes, see :func:`distill_core.intervals.gap_closed`; None when the teacher is not clearly
-      better than the baseline).
+      better than the baseline);
+    - where the metrics hold per-sequence calibration sums: ``ece_low`` / ``ece_high`` for every model,
+      and ``ece_vs_baseline`` (student ECE − baseline ECE, below 0: better calibrated) with ``_low`` /
+      ``_high``.
 
     Comparisons are paired and use the same ``seed``, so every interval comes from the same resamples."""
     kw = dict(resamples=resamples, seed=seed, level=level)
@@ -183,6 +196,9 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
         _, nll, tokens = per_sequence(m)
         ci = perplexity_interval(nll, tokens, **kw)
         out[name].update(val_ppl=ci.estimate, val_ppl_low=ci.low, val_ppl_high=ci.high)  # the same exp(sum nll / sum tokens)
+        if (stats := _calibration(m)) is not None:
+            ece = calibration_interval(stats, **kw)
+            out[name].update(ece=ece.estimate, ece_low=ece.low, ece_high=ece.high)
         if name == "teacher":
             continue
         out[name].update(_flat("ppl_ratio_vs_teacher", paired(m, teacher, **kw).ratio))
@@ -190,7 +206,15 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
             out[name].update(_flat("ppl_ratio_vs_baseline", paired(m, metrics[baseline], **kw).ratio))
             (nll_s, nll_b, nll_t), tokens = _same_sequences(m, metrics[baseline], teacher)
             out[name].update(_flat("kd_gap_closed", gap_closed(nll_s, nll_b, nll_t, tokens, **kw)))
+            if (stats := _calibration(m)) is not None and (base := _calibration(metrics[baseline])) is not None:
+                out[name].update(_flat("ece_vs_baseline", calibration_difference(stats, base, **kw)))
     return out
+
+
+def _calibration(scored: dict) -> np.ndarray | None:
+    """A model's per-sequence calibration sums float64 [n, 3, bins], or None in metrics made before they were kept."""
+    stats = scored.get("per_sequence", {}).get("calibration")
+    return None if stats is None else np.asarray(stats, np.float64)
 
 
 def _same_sequences(first: dict, *others: dict) -> tuple[list[np.ndarray], np.ndarray]:

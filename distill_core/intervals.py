@@ -149,6 +149,49 @@ def gap_closed(nll_student, nll_baseline, nll_teacher, tokens, *, resamples: int
     return Interval(float(point), low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
+def resampled_ece(stats, *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(estimate float64 [m], resampled float64 [resamples, m]) of expected calibration error.
+
+    ``stats``: float [m, n, 3, bins] (m models on the same n sequences), each sequence's calibration sums
+    (per bin: count, summed confidence, number correct; see ``evaluate.calibration_bins``). A resample
+    sums its sequences' bins and takes the ECE of the sums, on the same resamples as
+    :func:`resampled_log_ppl` with the same seed."""
+    stats = np.asarray(stats, dtype=np.float64)
+    if stats.ndim != 4 or stats.shape[1] == 0 or stats.shape[2] != 3 or np.any(stats[:, :, 0].sum(-1) < 1):
+        raise DataError(
+            f"calibration sums of shape {stats.shape} must be [models, n >= 1 sequences, 3, bins] with at least one "
+            "position per sequence: score every model on the same validation sequences."
+        )
+    m, n = stats.shape[:2]
+    flat = stats.reshape(m, n, -1)
+    idx = bootstrap_indices(n, resamples=resamples, seed=seed)
+    chunk = max(1, _CHUNK_CELLS // (m * n * flat.shape[2]))
+    resampled = np.concatenate([
+        _ece(flat[:, rows].sum(2).reshape(m, len(rows), 3, -1)).T
+        for rows in (idx[start:start + chunk] for start in range(0, resamples, chunk))
+    ])
+    return _ece(stats.sum(1)), resampled
+
+
+def calibration_interval(stats, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
+    """One model's ECE with its bootstrap interval; ``stats`` float [n, 3, bins] per sequence."""
+    estimate, resampled = resampled_ece(np.asarray(stats)[None], resamples=resamples, seed=seed)
+    return percentile_interval(estimate[0], resampled[:, 0], level)
+
+
+def calibration_difference(stats_a, stats_b, *, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
+    """ECE of model a minus model b (below 0: a is better calibrated), paired over the same n sequences;
+    each ``stats`` float [n, 3, bins] in the same sequence order."""
+    estimate, resampled = resampled_ece(np.stack([np.asarray(stats_a, np.float64), np.asarray(stats_b, np.float64)]),
+                                        resamples=resamples, seed=seed)
+    return percentile_interval(estimate[0] - estimate[1], resampled[:, 0] - resampled[:, 1], level)
+
+
+def _ece(sums: np.ndarray) -> np.ndarray:
+    """ECE from calibration sums [..., 3, bins]: Σ_b |Σ confidence − Σ correct| / Σ count, shape [...]."""
+    return np.abs(sums[..., 1, :] - sums[..., 2, :]).sum(-1) / sums[..., 0, :].sum(-1)
+
+
 def _rows(*per_sequence) -> np.ndarray:
     """float64 [m, n] from m per-sequence arrays [n] of the same length."""
     rows = [np.asarray(values, dtype=np.float64) for values in per_sequence]

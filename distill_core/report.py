@@ -113,8 +113,7 @@ def markdown_report(summary: RunSummary, timings: dict[str, dict[str, Any]] | No
     lines += ["## Teacher vs student vs baseline", ""]
     if s.metrics:
         cols = [c for c in METRIC_COLUMNS if any(c in m for m in s.metrics.values())]
-        with_ci = any("val_ppl_low" in m for m in s.metrics.values())
-        header = [f"{c} [95% CI]" if c == "val_ppl" and with_ci else c for c in cols]
+        header = [f"{c} [95% CI]" if c in _WITH_CI and any(f"{c}_low" in m for m in s.metrics.values()) else c for c in cols]
         lines += ["| model | " + " | ".join(header) + " |", "|---" * (len(cols) + 1) + "|"]
         for name in _model_order(s.metrics):
             lines.append(f"| {name} | " + " | ".join(_cell(s.metrics[name], c) for c in cols) + " |")
@@ -207,6 +206,10 @@ def _comparisons(metrics: dict) -> list[str]:
                 "- share of the baseline-to-teacher gap closed: undefined (the teacher is not clearly better than "
                 "the baseline on these sequences)."
             )
+        if _number(student.get("ece_vs_baseline")) and _number(metrics["baseline"].get("ece")):
+            out.append(f"- student ECE {student['ece']:.3f} vs the baseline's {metrics['baseline']['ece']:.3f}: "
+                       f"{student['ece_vs_baseline']:+.3f}{_interval(student, 'ece_vs_baseline', lambda v: f'{v:+.3f}')} "
+                       "(below 0: better calibrated).")
     params = {name: m.get("params") for name, m in metrics.items() if _number(m.get("params"))}
     if "student" in params and "teacher" in params:
         out.append(f"- student has {params['student'] / params['teacher']:.1%} of the teacher's parameters.")
@@ -223,10 +226,13 @@ def _interval(m: dict, key: str, fmt) -> str:
     return f" (95% CI {fmt(low)} to {fmt(high)})" if _number(low) and _number(high) else ""
 
 
+_WITH_CI = ("val_ppl", "ece")
+
+
 def _cell(m: dict, column: str) -> str:
-    """A table cell; perplexity carries its interval when the metrics have one."""
+    """A table cell; perplexity and ECE carry their intervals when the metrics have them."""
     low, high = m.get(f"{column}_low"), m.get(f"{column}_high")
-    if column == "val_ppl" and _number(low) and _number(high):
+    if column in _WITH_CI and _number(low) and _number(high):
         return f"{_fmt(m.get(column))} [{_fmt(low)}, {_fmt(high)}]"
     return _fmt(m.get(column))
 

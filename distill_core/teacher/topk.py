@@ -6,6 +6,7 @@ stored); the full-vocabulary logits never do.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable
@@ -65,75 +66,114 @@ def draw_uniforms(seed: int, seq_ids: np.ndarray, positions: int, draws: int) ->
 def sparse_from_logits(teacher_logits: torch.Tensor, cfg: TopKConfig, uniforms: torch.Tensor | None = None) -> codec.SparseRows:
     """What a cache stores of the teacher's logits, per ``cfg.strategy``, for all B·T positions.
 
-    teacher_logits: [B, T, V] any float dtype (computed in float32). uniforms: float64 [B, T, draws]
-    in [0, 1) for sampled and hybrid (see :func:`draw_uniforms`), inverse-CDF draws from the teacher
-    at ``cfg.temperature`` (hybrid: from its mass outside the top-k). Working memory: three float32
-    copies of the logits."""
-    assert teacher_logits.dim() == 3, f"teacher_logits must be [B, T, V], got shape {tuple(teacher_logits.shape)}"
-    x = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
+    teacher_logits: [B, T, V] any float dtype (computed in float32). uniforms: float64 [B, T, draws] in
+    [0, 1) for sampled and hybrid (see :func:`draw_uniforms`), inverse-CDF draws from the teacher at
+    ``cfg.temperature`` (hybrid: from its mass outside the top-k). One sequence at a time (each
+    ``teacher_logits[b]`` is contiguous in a slice ``logits[:, :-1]`` of a model's output, so nothing
+    copies the batch), so the working memory is about three float32 copies of one sequence's [T, V]
+    logits; what is kept reaches the host in one copy per array (on CUDA through pinned buffers, the
+    device not waiting for the host)."""
+    if teacher_logits.dim() != 3 or len(teacher_logits) == 0:
+        raise ValueError(f"teacher_logits must be [B, T, V] with B ≥ 1, got shape {tuple(teacher_logits.shape)}")
+    if cfg.strategy != "topk" and uniforms is None:
+        raise ValueError(f"the {cfg.strategy} strategy draws from the teacher: pass uniforms (see draw_uniforms)")
+    seqs = [_sparse_rows(teacher_logits[b].detach().float(), cfg, None if uniforms is None else uniforms[b])
+            for b in range(teacher_logits.shape[0])]
+    names = [name for name, value in seqs[0].items() if value is not None]
+    host = _to_host({name: torch.cat([seq[name] for seq in seqs]) for name in names})
+    return codec.SparseRows(
+        head=0 if cfg.strategy == "sampled" else min(cfg.k, teacher_logits.shape[-1]),
+        ids=host["ids"], logits=host["logits"], lse=host["lse"], n_drawn=host["n_drawn"], counts=host["counts"],
+        tail=host.get("tail"),
+    )
+
+
+def _sparse_rows(x: torch.Tensor, cfg: TopKConfig, uniforms: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """:func:`sparse_from_logits` of one block of positions, on x's device: x float32 [n, V], uniforms
+    float64 [n, draws] or None. Returns ids int64 and logits float32 (flat, per position its head ids
+    ascending then its distinct drawn ids), lse and tail float32 [n, nT] (tail None without a head),
+    n_drawn int64 [n] and counts int64 [drawn ids].
+
+    Per served τ, one softmax; the head's probabilities are read and zeroed in place and the rest summed:
+    the mass outside the head is summed directly (never 1 − Σ head, which loses every digit of a small
+    tail), with no copy of x with the head masked out. The log-normaliser comes from the peak's own
+    probability (exactly 1 / Σ exp(x − max)). A rest that underflows float32 is floored at its smallest
+    normal number (e^-87; the codec floors tails at e^-32)."""
     n, vocab = x.shape
     taus = cfg.served_temperatures()
-    lse = torch.stack([torch.logsumexp(_scaled(x, t), dim=-1) for t in taus], dim=-1)
     head = 0 if cfg.strategy == "sampled" else min(cfg.k, vocab)
-    parts_ids, parts_z, parts_pos = [], [], []
-    tail = None
     if head:
-        top_ids = x.topk(head, dim=-1).indices.sort(dim=-1).values  # the top-k is the same set at every τ
+        top = x.topk(head, dim=-1)
+        peak, arg = top.values[:, :1], top.indices[:, :1]
+        top_ids = top.indices.sort(dim=-1).values  # the same set at every τ
+    else:
+        peak, arg = x.max(dim=-1, keepdim=True)
+    lse, tail, capture = [], [], None
+    for tau in taus:
+        p = torch.softmax(x if tau == 1.0 else x / tau, dim=-1)
+        lse.append((peak.double() / tau - torch.log(p.gather(-1, arg).double())).squeeze(-1))
+        if head:
+            head_sum = p.gather(-1, top_ids).double().sum(-1)
+            p.scatter_(-1, top_ids, 0.0)
+            rest = p.sum(-1).double()
+            if head < vocab:
+                rest.clamp_(min=torch.finfo(torch.float32).tiny)
+            tail.append(torch.log(rest) - torch.log(rest + head_sum))  # log 0 = −inf: nothing outside the head
+        if tau == float(cfg.temperature):
+            capture = p  # the teacher's distribution at the capture temperature, outside the head
+    out = {"lse": torch.stack(lse, -1).float(), "tail": torch.stack(tail, -1).float() if head else None}
+    parts_ids, parts_z, parts_pos = [], [], []
+    if head:
         parts_ids.append(top_ids.reshape(-1))
         parts_z.append(x.gather(-1, top_ids).reshape(-1))
         parts_pos.append(torch.arange(n, device=x.device).repeat_interleave(head))
-        if head == vocab:
-            tail = torch.full((n, len(taus)), float("-inf"), device=x.device)
-        else:
-            rest = x.scatter(-1, top_ids, float("-inf"))
-            tail = torch.stack([torch.logsumexp(_scaled(rest, t), dim=-1) for t in taus], dim=-1) - lse
-    n_drawn = torch.zeros(n, dtype=torch.int64)
-    counts = torch.zeros(0, dtype=torch.int64)
+    out["n_drawn"] = torch.zeros(n, dtype=torch.int64, device=x.device)
+    out["counts"] = torch.zeros(0, dtype=torch.int64, device=x.device)
     if cfg.strategy != "topk" and head < vocab:
-        assert uniforms is not None, "sampled and hybrid need uniforms for their draws"
-        p = torch.softmax(x / cfg.temperature, dim=-1)
-        if head:
-            p.scatter_(-1, top_ids, 0.0)
-        cdf = p.cumsum_(dim=-1)
+        cdf = capture.cumsum_(dim=-1)
         # float32 like the logits: a float64 copy of the CDF would double this step's memory
         total = cdf[:, -1:]
         u = torch.minimum(uniforms.reshape(n, -1).to(x.device, torch.float32) * total, torch.nextafter(total, torch.zeros_like(total)))
         drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1).sort(dim=-1).values
         first = torch.ones_like(drawn, dtype=torch.bool)
         first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
-        n_drawn = first.sum(-1).cpu()
-        where = first.reshape(-1).nonzero().squeeze(-1).cpu()
-        counts = torch.diff(where, append=torch.tensor([drawn.numel()]))
+        out["n_drawn"] = first.sum(-1)
+        where = first.reshape(-1).nonzero().squeeze(-1)
+        out["counts"] = torch.diff(where, append=where.new_tensor([drawn.numel()]))
         parts_ids.append(drawn[first])
         parts_z.append(x.gather(-1, drawn)[first])
         parts_pos.append(torch.arange(n, device=x.device).unsqueeze(-1).expand_as(drawn)[first])
-    pos = torch.cat(parts_pos)
-    order = torch.sort(pos, stable=True).indices  # per position: head ids, then drawn ids
-    return codec.SparseRows(
-        head=head,
-        ids=torch.cat(parts_ids)[order].cpu().numpy(),
-        logits=torch.cat(parts_z)[order].cpu().numpy().astype(np.float32),
-        lse=lse.cpu().numpy().astype(np.float32),
-        n_drawn=n_drawn.numpy().astype(np.int64),
-        counts=counts.numpy().astype(np.int64),
-        tail=tail.cpu().numpy().astype(np.float32) if tail is not None else None,
-    )
+    order = torch.sort(torch.cat(parts_pos), stable=True).indices  # per position: head ids, then drawn ids
+    out["ids"], out["logits"] = torch.cat(parts_ids)[order], torch.cat(parts_z)[order]
+    return out
 
 
-def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``x / temperature``, without a copy of [N, V] at temperature 1."""
-    return x if temperature == 1.0 else x / temperature
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Each tensor as a numpy array. From CUDA, every copy is queued into a pinned host buffer without
+    blocking, and the current stream is waited for once, after the last."""
+    if all(t.device.type == "cpu" for t in tensors.values()):
+        return {name: t.numpy() for name, t in tensors.items()}
+    pinned = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in tensors.items()}
+    for name, t in tensors.items():
+        pinned[name].copy_(t, non_blocking=True)
+    torch.cuda.current_stream(next(iter(tensors.values())).device).synchronize()
+    return {name: t.numpy() for name, t in pinned.items()}
 
 
 def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConfig, device) -> pa.Table:
     """The shard's table. Batch i's sparse targets (top-k, draws, the copy to the host) are computed
-    on a second thread while the teacher runs batch i+1's forward (on CUDA on a side stream, so the
-    device overlaps them too); at most two batches' logits are alive. The same functions on the same
-    inputs: the bytes do not depend on the overlap."""
+    on a second thread while the teacher runs batch i+1's forward where that can overlap: on CUDA on a
+    side stream (the device overlaps them too), on CPU on the cores the forward leaves free (see
+    :func:`_worker_threads`); otherwise after each forward on the same thread. At most two batches'
+    logits are alive. The same functions on the same inputs: the bytes do not depend on the overlap."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    threads = _worker_threads(device)
+    pool = None
+    if threads:  # OpenMP's thread count is per calling thread: the worker's does not change the forward's
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topk", initializer=lambda: torch.set_num_threads(threads))
     batches, pending = [], None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topk") as pool:
+    try:
         for start in range(0, len(input_ids), cfg.batch_size):
             batch = torch.from_numpy(input_ids[start : start + cfg.batch_size]).to(device)
             uniforms = None
@@ -141,6 +181,10 @@ def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConf
                 uniforms = draw_uniforms(cfg.seed, seq_ids[start : start + cfg.batch_size], batch.shape[1] - 1, cfg.draws)
             with torch.inference_mode(), autocast:
                 logits = model(input_ids=batch).logits[:, :-1]
+            if pool is None:
+                with torch.inference_mode():
+                    batches.append(sparse_from_logits(logits, cfg, uniforms))
+                continue
             ready = None
             if side is not None:
                 ready = torch.cuda.Event()
@@ -151,7 +195,20 @@ def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConf
             pending = pool.submit(_sparse_off_thread, logits, cfg, uniforms, side, ready)
         if pending is not None:
             batches.append(pending.result())
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return codec.encode_table(seq_ids, codec.concat(batches), cfg.served_temperatures())
+
+
+def _worker_threads(device) -> int:
+    """Intra-op threads for the sparse targets' thread, 0 for none. On CUDA 1 (the work is the device's);
+    on CPU the cores the forward's torch threads leave free, since where the forward uses every core a
+    second thread only contends with it (measured slower than in series)."""
+    if device.type == "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores - torch.get_num_threads())
 
 
 def _sparse_off_thread(logits: torch.Tensor, cfg: TopKConfig, uniforms, side, ready) -> codec.SparseRows:

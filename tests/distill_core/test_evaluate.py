@@ -120,6 +120,13 @@ def test_evaluate_reports_intervals_that_can_be_recomputed_from_the_stored_file(
     assert s["kd_gap_closed"] == pytest.approx(share)
     assert s["kd_gap_closed_low"] < s["kd_gap_closed"] < s["kd_gap_closed_high"]
     assert "ppl_ratio_vs_baseline" not in metrics["baseline"] and "kd_gap_closed" not in metrics["baseline"]
+    for m in metrics.values():  # each sequence's calibration sums add up to the ECE's
+        stats = np.asarray(m["per_sequence"]["calibration"])
+        assert stats.shape == (10, 3, 15) and stats[:, 0].sum() == metrics["teacher"]["val_tokens"]
+        assert m["ece"] == pytest.approx(np.abs(stats[:, 1].sum(0) - stats[:, 2].sum(0)).sum() / stats[:, 0].sum())
+        assert m["ece_low"] <= m["ece"] <= m["ece_high"]
+    assert s["ece_vs_baseline"] == pytest.approx(s["ece"] - metrics["baseline"]["ece"])
+    assert s["ece_vs_baseline_low"] <= s["ece_vs_baseline"] <= s["ece_vs_baseline_high"]
 
     storage.write_json("runs/r/stages/evaluate.json", metrics)  # as the evaluate stage records it
     stored = storage.read_json("runs/r/stages/evaluate.json")
@@ -139,9 +146,13 @@ def test_expected_calibration_error_on_a_hand_made_case():
     assert stats[2, 14].item() == 3 and stats[2, 9].item() == 1
     # bin 14: |3 − (0.95 + 0.95 + 1)| = 0.1; bin 9: |1 − 1.3| = 0.3; over 5 positions
     assert expected_calibration_error(stats) == pytest.approx(0.4 / 5)
-    # chunk sums add up to the whole
+    # chunk sums add up to the whole, and so do the sums of groups (positions 0-1 and 2-4)
     halves = calibration_bins(probs[:2].log(), labels[:2]) + calibration_bins(probs[2:].log(), labels[2:])
     torch.testing.assert_close(halves, stats)
+    grouped = calibration_bins(probs.log(), labels, groups=torch.tensor([0, 0, 1, 1, 1]), n_groups=2)
+    assert grouped.shape == (2, 3, 15)
+    torch.testing.assert_close(grouped[0], calibration_bins(probs[:2].log(), labels[:2]))
+    torch.testing.assert_close(grouped.sum(0), stats)
 
 
 def test_expected_calibration_error_is_zero_when_calibrated():

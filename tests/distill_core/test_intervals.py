@@ -7,10 +7,13 @@ from distill_core.errors import ConfigError, DataError
 from distill_core.intervals import (
     Interval,
     bootstrap_indices,
+    calibration_difference,
+    calibration_interval,
     gap_closed,
     paired_comparison,
     percentile_interval,
     perplexity_interval,
+    resampled_ece,
     resampled_log_ppl,
 )
 
@@ -163,3 +166,35 @@ def test_bad_inputs_are_refused_with_the_fix():
         perplexity_interval([1.0], [1], resamples=0)
     with pytest.raises(ConfigError, match="between 0 and 1"):
         percentile_interval(0.0, np.zeros(3), level=95)
+
+
+def _bins(count, confidence, correct):
+    """Calibration sums [3, bins] of one sequence from per-bin lists."""
+    return np.array([count, confidence, correct], dtype=np.float64)
+
+
+def test_ece_interval_is_the_ece_of_the_summed_bins_and_bounded_by_the_extreme_resamples():
+    # sequence 0: perfectly calibrated (ECE 0); sequence 1: 2 positions at 0.9 confidence, both wrong (ECE 0.9)
+    stats = np.stack([_bins([2, 0], [1.0, 0.0], [1, 0]), _bins([0, 2], [0.0, 1.8], [0, 0])])
+    ci = calibration_interval(stats, resamples=400, seed=0)
+    assert ci.estimate == pytest.approx(1.8 / 4)  # |1 − 1| + |1.8 − 0| over 4 positions
+    assert (ci.low, ci.high) == (pytest.approx(0.0), pytest.approx(0.9))  # resamples of {0, 0} and {1, 1}
+    same = calibration_difference(stats, stats, resamples=400, seed=0)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+
+
+def test_ece_difference_is_paired_and_on_the_resamples_of_the_perplexity():
+    rng = np.random.default_rng(0)
+    count = rng.integers(5, 20, size=(30, 4)).astype(np.float64)
+    conf = count * rng.uniform(0.3, 0.9, size=(30, 4))
+    a = np.stack([count, conf, np.round(conf)], 1)  # nearly calibrated
+    b = np.stack([count, conf, np.round(conf * 0.5)], 1)  # over-confident on every sequence
+    diff = calibration_difference(a, b, resamples=500, seed=3)
+    assert diff.high < 0  # a is better calibrated on every resample
+    estimate, resampled = resampled_ece(np.stack([a, b]), resamples=500, seed=3)
+    idx = bootstrap_indices(30, resamples=500, seed=3)
+    again = np.abs(a[idx].sum(1)[:, 1] - a[idx].sum(1)[:, 2]).sum(-1) / a[idx].sum(1)[:, 0].sum(-1)
+    np.testing.assert_allclose(resampled[:, 0], again)
+    assert diff.estimate == pytest.approx(estimate[0] - estimate[1])
+    with pytest.raises(DataError, match="must be \\[models, n >= 1 sequences, 3, bins\\]"):
+        calibration_interval(np.zeros((3, 4)))

@@ -64,6 +64,13 @@ def test_markdown_report_shows_intervals_and_the_share_of_the_gap_closed():
     worse = {**ci, "student": {**ci["student"], "ppl_ratio_vs_baseline_low": 1.02, "ppl_ratio_vs_baseline_high": 1.1}}
     assert "(distillation hurts: the interval excludes 0)" in markdown_report(RunSummary("r", "", "", worse, None, [], {}))
 
+    calibrated = {**ci, "student": {**ci["student"], "ece": 0.016, "ece_low": 0.012, "ece_high": 0.021, "ece_vs_baseline": -0.024,
+                                    "ece_vs_baseline_low": -0.03, "ece_vs_baseline_high": -0.018},
+                  "baseline": {**ci["baseline"], "ece": 0.04}}
+    md = markdown_report(RunSummary("r", "", "", calibrated, None, [], {}))
+    assert "| ece [95% CI] |" in md and "| 0.016 [0.012, 0.021] |" in md and "| 0.04 |" in md
+    assert "student ECE 0.016 vs the baseline's 0.040: -0.024 (95% CI -0.030 to -0.018) (below 0: better calibrated)" in md
+
 
 def test_unfinished_run_says_what_is_missing():
     md = markdown_report(RunSummary("r", "", "", {}, None, [], {}))

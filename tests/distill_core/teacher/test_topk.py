@@ -153,11 +153,14 @@ def test_teacher_precision_is_part_of_the_address(prepared, tiny_teacher):
     np.testing.assert_allclose(half_out["topk_logprobs"].max(-1), full_out["topk_logprobs"].max(-1), atol=0.1)  # bfloat16 keeps ~3 digits
 
 
+@pytest.mark.parametrize("worker_threads", [0, 1])
 @pytest.mark.parametrize("strategy", ["topk", "hybrid"])
-def test_the_overlapped_table_equals_sparse_targets_computed_batch_by_batch(prepared, tiny_teacher, strategy):
+def test_the_overlapped_table_equals_sparse_targets_computed_batch_by_batch(prepared, tiny_teacher, strategy, worker_threads, monkeypatch):
     from distill_core.cache import codec
+    from distill_core.teacher import topk
     from distill_core.teacher.topk import _topk_table, draw_uniforms, sparse_from_logits
 
+    monkeypatch.setattr(topk, "_worker_threads", lambda device: worker_threads)  # 0: in series, as where the forward has every core
     storage, data = prepared
     cfg = TopKConfig(strategy=strategy, k=4, draws=8, batch_size=3)
     _, seq_ids, input_ids = next(read_sequences(storage, data.train))
@@ -170,3 +173,16 @@ def test_the_overlapped_table_equals_sparse_targets_computed_batch_by_batch(prep
             parts.append(sparse_from_logits(tiny_teacher(input_ids=batch).logits[:, :-1], cfg, uniforms if strategy != "topk" else None))
     serial = codec.encode_table(seq_ids, codec.concat(parts), cfg.served_temperatures())
     assert len(input_ids) > cfg.batch_size and overlapped.equals(serial)
+
+
+def test_sparse_targets_keep_a_tail_far_below_the_heads_mass_and_none_when_the_head_is_everything():
+    from distill_core.teacher.topk import sparse_from_logits
+
+    logits = torch.tensor([[[30.0, 29.0, 0.0, -1.0, -2.0], [1.0, 1.0, 1.0, 1.0, 1.0]]])
+    rows = sparse_from_logits(logits, TopKConfig(k=2, temperatures=[0.5]))
+    exact = torch.stack([torch.logsumexp(logits[0, :, 2:] / t, -1) - torch.logsumexp(logits[0] / t, -1) for t in (0.5, 1.0)], -1)
+    np.testing.assert_allclose(rows.tail, exact.numpy(), rtol=1e-5)  # 1 − Σ head would read e^-29.7 as 0
+    np.testing.assert_allclose(rows.lse, torch.stack([torch.logsumexp(logits[0] / t, -1) for t in (0.5, 1.0)], -1).numpy(), rtol=1e-6)
+    assert np.isneginf(sparse_from_logits(logits, TopKConfig(k=5)).tail).all()
+    with pytest.raises(ValueError, match="pass uniforms"):
+        sparse_from_logits(logits, TopKConfig(strategy="sampled", draws=4))
