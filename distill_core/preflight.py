@@ -116,13 +116,13 @@ def check_cross_tokenizer(cfg: RunConfig, teacher, storage: Storage) -> str:
 
     check_roundtrip(teacher_tok, token_bytes(teacher_tok), f"teacher {teacher.path}")
     check_roundtrip(student_tok, token_bytes(student_tok), f"student.tokenizer {student.tokenizer}")
-    # soft targets on samples, and on the student's own samples, are per teacher-token id, with no
-    # text-level translation yet
-    unsupported = sorted(f"{t.name}@{t.on}" for t in cfg.train.losses if t.on in ("samples", "student_samples"))
+    # the student's own samples would be in its tokens, which the teacher cannot grade: no translation yet
+    unsupported = sorted(f"{t.name}@{t.on}" for t in cfg.train.losses if t.on == "student_samples")
     if unsupported:
         raise ConfigError(
             f"student.tokenizer {student.tokenizer} has {what}, and train.losses {unsupported} have no cross-tokenizer "
-            "form yet: drop them (ce, seqkd, the beam terms, the divergences and uld on the data work across tokenizers)."
+            "form yet: drop them (ce, seqkd, the beam terms, and the divergences and uld on the data or on teacher "
+            "samples work across tokenizers)."
         )
     if cfg.topk.strategy != "topk" and any(t.source == "data" and t.name != "ce" for t in cfg.train.losses):
         raise ConfigError(

@@ -113,39 +113,20 @@ class Retokenizer:
     def collate_data(self, rows: list[dict[str, np.ndarray]], pad_id: int):
         """A data Batch in the student's tokens from teacher rows (input_ids [Nt], optional top-k
         over its positions): CE on every student token, soft targets where :func:`student_targets` gives them."""
-        import torch
-
-        from distill_core.batches import Batch
-        from distill_core.losses.signals import TopKTargets
-
         student = self.rows([r["input_ids"] for r in rows])
-        length = max(max(len(r.ids) for r in student), 2)
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+        input_ids, mask = _student_batch(student, pad_id)
         for i, r in enumerate(student):
-            input_ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
             mask[i, : max(len(r.ids) - 1, 0)] = True
         if "topk_ids" not in rows[0]:
-            return Batch(input_ids, mask)
-        k = rows[0]["topk_ids"].shape[-1]
-        shape = (len(rows), length - 1)
-        arrays = {"topk_ids": np.zeros((*shape, k), np.int64), "topk_logprobs": np.full((*shape, k), -np.inf, np.float32),
-                  "valid": np.zeros((*shape, k), bool), "tail_logprob": np.zeros(shape, np.float32),
-                  "uld_logprobs": np.full((*shape, k), -np.inf, np.float32), "uld_tail": np.zeros(shape, np.float32),
-                  "soft": np.zeros(shape, bool), "uld": np.zeros(shape, bool)}
-        arrays["valid"][..., 0] = True  # padding: all teacher mass in the tail, slot 0 valid at zero probability
-        for i, (r, row) in enumerate(zip(student, rows)):
-            got = student_targets(r, row["input_ids"], row["topk_ids"], row["topk_logprobs"], row["tail_logprob"], self.teacher_to_student)
-            for name, value in got.items():
-                arrays[name][i, : len(value)] = value
-        t = {name: torch.from_numpy(value) for name, value in arrays.items()}
-        return Batch(input_ids, mask, TopKTargets(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"], t["valid"]), t["soft"] & mask,
-                     TopKTargets(t["topk_ids"], t["uld_logprobs"], t["uld_tail"]), t["uld"] & mask)
+            return _batch(input_ids, mask)
+        got = [student_targets(r, row["input_ids"], row["topk_ids"], row["topk_logprobs"], row["tail_logprob"], self.teacher_to_student)
+               for r, row in zip(student, rows)]
+        return _batch(input_ids, mask, got, rows[0]["topk_ids"].shape[-1])
 
     def _text_completion(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``row`` with its completion cut before the first byte that is not UTF-8 text: a generated
-        completion may spell any bytes (a byte-level teacher can write half a character, or none), and
-        the student's tokenizer reads text."""
+        """``row`` with its completion (and the soft targets over it) cut before the first byte that is
+        not UTF-8 text: a generated completion may spell any bytes (a byte-level teacher can write half a
+        character, or none), and the student's tokenizer reads text."""
         ids = np.concatenate([row["prompt_ids"], row["completion_ids"]]).astype(np.int64)
         try:
             b"".join(self.t_table[i] for i in ids).decode("utf-8")
@@ -153,26 +134,77 @@ class Retokenizer:
         except UnicodeDecodeError as e:
             valid = e.start
         ends = np.cumsum(self.t_len[ids])[len(row["prompt_ids"]):]
-        return {**row, "completion_ids": row["completion_ids"][: int((ends <= valid).sum())]}
+        keep = int((ends <= valid).sum())
+        return {**row, **{name: row[name][:keep] for name in ("completion_ids", *_SOFT_COLUMNS) if name in row}}
 
     def collate_samples(self, rows: list[dict[str, np.ndarray]], pad_id: int):
         """Teacher samples (prompt_ids, completion_ids in teacher tokens) as student rows: the loss on
         the student tokens that end inside the completion's text (sequence-level KD on text), cut before
-        its first byte that is not UTF-8 text."""
+        its first byte that is not UTF-8 text. Soft targets stored with the samples (``samples.soft_topk``:
+        the teacher's top-k at each completion position) are carried across as for data
+        (:func:`student_targets`), at the student positions whose block lies in the completion."""
         import torch
 
-        from distill_core.batches import Batch
-
         rows = [self._text_completion(r) for r in rows]
-        student = self.rows([np.concatenate([r["prompt_ids"], r["completion_ids"]]) for r in rows])
-        length = max(max(len(r.ids) for r in student), 2)
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+        teacher_rows = [np.concatenate([r["prompt_ids"], r["completion_ids"]]).astype(np.int64) for r in rows]
+        student = self.rows(teacher_rows)
+        input_ids, mask = _student_batch(student, pad_id)
         for i, (r, row) in enumerate(zip(student, rows)):
             prompt_bytes = int(self.t_len[np.asarray(row["prompt_ids"], dtype=np.int64)].sum())
-            input_ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
             mask[i, : max(len(r.ids) - 1, 0)] = torch.from_numpy(r.spans[1:, 1] > prompt_bytes)
+        if "topk_ids" not in rows[0]:
+            return _batch(input_ids, mask)
+        k, got = rows[0]["topk_ids"].shape[-1], []
+        for r, row, ids in zip(student, rows, teacher_rows):
+            p, c = len(row["prompt_ids"]), len(row["completion_ids"])
+            # the row's top-k over its p + c - 1 positions: the completion's stored, the prompt's all tail
+            top, lps, tail = np.zeros((p + c - 1, k), np.int64), np.full((p + c - 1, k), -np.inf, np.float32), np.zeros(p + c - 1, np.float32)
+            top[p - 1 :], lps[p - 1 :], tail[p - 1 :] = row["topk_ids"], row["topk_logprobs"], row["tail_logprob"]
+            targets = student_targets(r, ids, top, lps, tail, self.teacher_to_student)
+            block = r.alignment.student_block[1 : len(r.ids)]
+            in_completion = (block >= 0) & (r.alignment.teacher_start[np.maximum(block, 0)] >= p)
+            targets["soft"] &= in_completion
+            targets["uld"] &= in_completion
+            got.append(targets)
+        return _batch(input_ids, mask, got, k)
+
+
+_SOFT_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+
+
+def _student_batch(student: list[Retokenized], pad_id: int):
+    """(input_ids int64 [B, L] right-padded with ``pad_id``, an all-False loss mask bool [B, L-1]) of student rows."""
+    import torch
+
+    length = max(max(len(r.ids) for r in student), 2)
+    input_ids = torch.full((len(student), length), pad_id, dtype=torch.long)
+    for i, r in enumerate(student):
+        input_ids[i, : len(r.ids)] = torch.from_numpy(r.ids)
+    return input_ids, torch.zeros(len(student), length - 1, dtype=torch.bool)
+
+
+def _batch(input_ids, mask, got: list[dict[str, np.ndarray]] | None = None, k: int = 0):
+    """A Batch of student rows; with ``got`` (each row's :func:`student_targets`) its exact-match and ULD
+    targets, masked to the positions that have them and to the loss mask."""
+    import torch
+
+    from distill_core.batches import Batch
+    from distill_core.losses.signals import TopKTargets
+
+    if got is None:
         return Batch(input_ids, mask)
+    shape = tuple(mask.shape)
+    arrays = {"topk_ids": np.zeros((*shape, k), np.int64), "topk_logprobs": np.full((*shape, k), -np.inf, np.float32),
+              "valid": np.zeros((*shape, k), bool), "tail_logprob": np.zeros(shape, np.float32),
+              "uld_logprobs": np.full((*shape, k), -np.inf, np.float32), "uld_tail": np.zeros(shape, np.float32),
+              "soft": np.zeros(shape, bool), "uld": np.zeros(shape, bool)}
+    arrays["valid"][..., 0] = True  # padding: all teacher mass in the tail, slot 0 valid at zero probability
+    for i, targets in enumerate(got):
+        for name, value in targets.items():
+            arrays[name][i, : len(value)] = value
+    t = {name: torch.from_numpy(value) for name, value in arrays.items()}
+    return Batch(input_ids, mask, TopKTargets(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"], t["valid"]), t["soft"] & mask,
+                 TopKTargets(t["topk_ids"], t["uld_logprobs"], t["uld_tail"]), t["uld"] & mask)
 
 
 def _whole_characters(lo: int, hi: int, text: bytes, *, first: bool, last: bool) -> tuple[int, int, str]:

@@ -146,3 +146,59 @@ def test_a_generated_completion_is_cut_before_its_first_byte_that_is_not_text(ti
     whole = np.array(tiny_tokenizer(" return é more")["input_ids"])
     batch = r.collate_samples([{"prompt_ids": prompt, "completion_ids": whole}], 0)
     assert small_tokenizer.decode(batch.input_ids[0, 1:][batch.loss_mask[0]].tolist()) == " return é more"
+
+
+def _sample_rows(tok, p=6):
+    """One teacher row as data (top-k over every position) and as a sample: its first p tokens the prompt,
+    the rest the completion with the top-k of the positions predicting it."""
+    ids = _row(tok)
+    top, lps, tail = _targets(ids)
+    data = {"input_ids": ids, "topk_ids": top, "topk_logprobs": lps, "tail_logprob": tail}
+    sample = {"prompt_ids": ids[:p], "completion_ids": ids[p:], "topk_ids": top[p - 1 :], "topk_logprobs": lps[p - 1 :],
+              "tail_logprob": tail[p - 1 :]}
+    return data, sample
+
+
+def test_soft_targets_on_samples_with_identical_tokenizers_are_todays(tiny_tokenizer):
+    from distill_core.batches import collate_samples
+
+    _, sample = _sample_rows(tiny_tokenizer)
+    today = collate_samples([sample], 0)
+    batch = Retokenizer(tiny_tokenizer, tiny_tokenizer).collate_samples([sample], 0)
+    assert np.array_equal(batch.input_ids, today.input_ids) and np.array_equal(batch.loss_mask, today.loss_mask)
+    m = today.loss_mask
+    assert np.array_equal(batch.soft_mask, m) and np.array_equal(batch.uld_mask, m)
+    for name in ("ids", "logprobs", "tail_logprob"):
+        assert np.array_equal(getattr(batch.targets, name)[m], getattr(today.targets, name)[m])
+
+
+def test_soft_targets_on_samples_across_tokenizers_are_the_datas_inside_the_completion(tiny_tokenizer, small_tokenizer):
+    data, sample = _sample_rows(tiny_tokenizer)
+    r = Retokenizer(tiny_tokenizer, small_tokenizer)
+    whole, part = r.collate_data([data], 0), r.collate_samples([sample], 0)
+    assert np.array_equal(whole.input_ids, part.input_ids)  # the same text in the student's tokens
+    soft = part.soft_mask[0]
+    assert soft.sum() > 10 and not (soft & ~whole.soft_mask[0]).any() and not (soft & ~part.loss_mask[0]).any()
+    for name in ("ids", "logprobs", "tail_logprob", "valid"):
+        assert np.array_equal(getattr(part.targets, name)[0][soft], getattr(whole.targets, name)[0][soft])
+    uld = part.uld_mask[0]
+    assert np.array_equal(part.uld_targets.logprobs[0][uld], whole.uld_targets.logprobs[0][uld])
+    # no target where the student token's block starts in the prompt: the first student position left
+    prompt_bytes = int(r.t_len[sample["prompt_ids"]].sum())
+    student = r.rows([data["input_ids"]])[0]
+    starts = student.alignment.teacher_start[student.alignment.student_block[1:]]
+    assert not soft[: len(starts)][starts < len(sample["prompt_ids"])].any()
+    assert (student.spans[1:, 1][soft[: len(student.ids) - 1].numpy()] > prompt_bytes).all()
+
+
+def test_a_cut_completion_cuts_its_soft_targets_too(tiny_tokenizer, small_tokenizer):
+    r = Retokenizer(tiny_tokenizer, small_tokenizer)
+    invalid = next(i for i, b in enumerate(r.t_table) if b == b"\xff")
+    _, sample = _sample_rows(tiny_tokenizer)
+    completion = np.concatenate([sample["completion_ids"][:5], [invalid], sample["completion_ids"][5:]])
+    k = sample["topk_ids"].shape[1]
+    cut = r._text_completion({**sample, "completion_ids": completion,
+                              **{n: np.concatenate([sample[n][:5], sample[n][:1], sample[n][5:]]) for n in ("topk_ids", "topk_logprobs", "tail_logprob")}})
+    assert len(cut["completion_ids"]) == 5 and cut["topk_ids"].shape == (5, k) and len(cut["tail_logprob"]) == 5
+    batch = r.collate_samples([cut], 0)
+    assert batch.soft_mask.any()
