@@ -192,12 +192,13 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
     kw = dict(resamples=resamples, seed=seed, level=level)
     out = {name: dict(m) for name, m in metrics.items()}
     teacher = metrics["teacher"]
+    calibration = {name: _calibration(m) for name, m in metrics.items()}
     for name, m in metrics.items():
         _, nll, tokens = per_sequence(m)
         ci = perplexity_interval(nll, tokens, **kw)
         out[name].update(val_ppl=ci.estimate, val_ppl_low=ci.low, val_ppl_high=ci.high)  # the same exp(sum nll / sum tokens)
-        if (stats := _calibration(m)) is not None:
-            ece = calibration_interval(stats, **kw)
+        if calibration[name] is not None:
+            ece = calibration_interval(calibration[name], **kw)
             out[name].update(ece=ece.estimate, ece_low=ece.low, ece_high=ece.high)
         if name == "teacher":
             continue
@@ -206,8 +207,8 @@ def add_intervals(metrics: dict[str, dict], *, baseline: str | None = "baseline"
             out[name].update(_flat("ppl_ratio_vs_baseline", paired(m, metrics[baseline], **kw).ratio))
             (nll_s, nll_b, nll_t), tokens = _same_sequences(m, metrics[baseline], teacher)
             out[name].update(_flat("kd_gap_closed", gap_closed(nll_s, nll_b, nll_t, tokens, **kw)))
-            if (stats := _calibration(m)) is not None and (base := _calibration(metrics[baseline])) is not None:
-                out[name].update(_flat("ece_vs_baseline", calibration_difference(stats, base, **kw)))
+            if calibration[name] is not None and calibration[baseline] is not None:
+                out[name].update(_flat("ece_vs_baseline", calibration_difference(calibration[name], calibration[baseline], **kw)))
     return out
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from distill_core.align import Alignment, align
 from distill_core.errors import DataError
+from distill_core.teacher.samples_cache import SOFT_COLUMNS
 from distill_core.tokens import shared_tokens, token_bytes
 
 
@@ -135,7 +136,7 @@ class Retokenizer:
             valid = e.start
         ends = np.cumsum(self.t_len[ids])[len(row["prompt_ids"]):]
         keep = int((ends <= valid).sum())
-        return {**row, **{name: row[name][:keep] for name in ("completion_ids", *_SOFT_COLUMNS) if name in row}}
+        return {**row, **{name: row[name][:keep] for name in ("completion_ids", *SOFT_COLUMNS) if name in row}}
 
     def collate_samples(self, rows: list[dict[str, np.ndarray]], pad_id: int):
         """Teacher samples (prompt_ids, completion_ids in teacher tokens) as student rows: the loss on
@@ -167,9 +168,6 @@ class Retokenizer:
             targets["uld"] &= in_completion
             got.append(targets)
         return _batch(input_ids, mask, got, k)
-
-
-_SOFT_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
 
 
 def _student_batch(student: list[Retokenized], pad_id: int):

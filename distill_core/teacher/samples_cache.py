@@ -60,9 +60,12 @@ def soft_columns(rows: list[tuple], ids_type: pa.DataType) -> dict[str, pa.Array
     }
 
 
+SOFT_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")  # per completion position, with samples.soft_topk
+
+
 def samples_columns(soft_k: int) -> tuple[str, ...]:
     """The columns read_samples_table reads."""
-    return ("prompt_ids", "completion_ids") + (("topk_ids", "topk_logprobs", "tail_logprob") if soft_k else ())
+    return ("prompt_ids", "completion_ids") + (SOFT_COLUMNS if soft_k else ())
 
 
 def read_samples_table(table, soft_k: int) -> dict[str, np.ndarray]:

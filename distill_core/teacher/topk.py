@@ -119,7 +119,7 @@ def _sparse_rows(x: torch.Tensor, cfg: TopKConfig, uniforms: torch.Tensor | None
             if head < vocab:
                 rest.clamp_(min=torch.finfo(torch.float32).tiny)
             tail.append(torch.log(rest) - torch.log(rest + head_sum))  # log 0 = −inf: nothing outside the head
-        if tau == float(cfg.temperature):
+        if cfg.strategy != "topk" and tau == float(cfg.temperature):
             capture = p  # the teacher's distribution at the capture temperature, outside the head
     out = {"lse": torch.stack(lse, -1).float(), "tail": torch.stack(tail, -1).float() if head else None}
     parts_ids, parts_z, parts_pos = [], [], []
@@ -169,11 +169,10 @@ def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConf
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     threads = _worker_threads(device)
-    pool = None
-    if threads:  # OpenMP's thread count is per calling thread: the worker's does not change the forward's
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topk", initializer=lambda: torch.set_num_threads(threads))
+    # OpenMP's thread count is per calling thread: the worker's does not change the forward's
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topk", initializer=lambda: torch.set_num_threads(threads)) if threads else nullcontext()
     batches, pending = [], None
-    try:
+    with worker as pool:
         for start in range(0, len(input_ids), cfg.batch_size):
             batch = torch.from_numpy(input_ids[start : start + cfg.batch_size]).to(device)
             uniforms = None
@@ -195,9 +194,6 @@ def _topk_table(model, seq_ids: np.ndarray, input_ids: np.ndarray, cfg: TopKConf
             pending = pool.submit(_sparse_off_thread, logits, cfg, uniforms, side, ready)
         if pending is not None:
             batches.append(pending.result())
-    finally:
-        if pool is not None:
-            pool.shutdown()
     return codec.encode_table(seq_ids, codec.concat(batches), cfg.served_temperatures())
 
 
